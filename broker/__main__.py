@@ -1,0 +1,117 @@
+"""``kaas-broker``: the broker daemon.
+
+    kaas-broker --socket /run/kaas/broker.sock --device auto|cpu[:0,1]|cuda[:0,1,...] [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+
+import structlog
+
+from . import __version__
+from . import log as kaas_log
+from .config import Config, ConfigError, load
+from .engine import Engine
+from .server import Server
+
+logger = structlog.get_logger("kaas.broker")
+
+
+def cuda_device_count() -> int:
+    """Ask a child process (the broker itself never loads the CUDA driver)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "broker.streams.probe"], capture_output=True, text=True,
+                             timeout=60, check=False)
+        return int(out.stdout.strip() or 0)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return 0
+
+
+def parse_devices(spec: str, count_cuda: object = cuda_device_count) -> list[str]:
+    """``auto`` | ``cpu`` | ``cpu:0,1`` | ``cuda`` | ``cuda:0,1`` -> ['cuda:0', ...]."""
+    kind, _, rest = spec.partition(":")
+    if kind == "auto":
+        if rest:
+            raise ConfigError(f"device {spec!r}: 'auto' takes no indices")
+        n = count_cuda()  # type: ignore[operator]
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu:0"]
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device {spec!r}: expected auto, cpu[:N,...] or cuda[:N,...]")
+    if not rest:
+        if kind == "cpu":
+            return ["cpu:0"]
+        n = count_cuda()  # type: ignore[operator]
+        if not n:
+            raise ConfigError("device 'cuda': no CUDA device is present")
+        return [f"cuda:{i}" for i in range(n)]
+    try:
+        idx = [int(x) for x in rest.split(",")]
+    except ValueError:
+        raise ConfigError(f"device {spec!r}: indices must be integers") from None
+    if len(set(idx)) != len(idx) or any(i < 0 for i in idx):
+        raise ConfigError(f"device {spec!r}: indices must be distinct and >= 0")
+    if kind == "cuda":
+        n = count_cuda()  # type: ignore[operator]
+        missing = [i for i in idx if i >= n]
+        if missing:
+            raise ConfigError(f"device {spec!r}: CUDA device(s) {missing} not present ({n} found)")
+    return [f"{kind}:{i}" for i in idx]
+
+
+async def serve(config: Config, devices: list[str], *, ready: asyncio.Event | None = None) -> int:
+    engine = Engine(config, devices)
+    await engine.start()
+    server = Server(config, engine)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"kaas-broker {__version__}: listening on {config.socket} with {', '.join(devices)}", file=sys.stderr,
+          flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping")
+        await server.close()
+        await engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kaas-broker", description="kaas: the multi-tenant GPU broker daemon")
+    p.add_argument("--socket", help="Unix socket path (default: $KAAS_SOCKET, config, /run/kaas/broker.sock)")
+    p.add_argument("--device", help="auto | cpu[:0,1] | cuda[:0,1,...] (default: auto)")
+    p.add_argument("--config", help="TOML config file (default: /etc/kaas/broker.toml if present)")
+    p.add_argument("--policy", help="scheduling policy (fcfs)")
+    p.add_argument("--version", action="version", version=f"kaas-broker {__version__}")
+    args = p.parse_args(argv)
+    try:
+        config = load(args.config, socket=args.socket, device=args.device, policy=args.policy)
+        kaas_log.configure(config.log_format, config.log_level)
+        devices = parse_devices(config.device)
+    except ConfigError as exc:
+        print(f"kaas-broker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as a fallback
+        runner = asyncio.run  # type: ignore[assignment]
+    try:
+        return runner(serve(config, devices))
+    except OSError as exc:
+        print(f"kaas-broker: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

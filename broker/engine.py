@@ -1,0 +1,441 @@
+"""The engine: the one loop that ties sessions, the scheduler, residency and device workers.
+
+It keeps every piece of state needed to carry on when a worker dies: arenas (their
+fds), libraries (their bytes), residents (a host copy in a broker-owned memfd), and
+which graphs are queued or in flight.  Workers hold only what can be replayed.
+
+Tenant-facing ids never reach here: sessions translate them to the global ids below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import itertools
+import os
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+
+from . import errors
+from .config import Config
+from .graph import Resolved
+from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
+from .scheduler import Job, Scheduler
+from .streams.wire import (
+    WEvictResident, WLoadLibrary, WPinArena, WPutResident, WReply, WRunGraph, WUnpinArena,
+)
+from .workers import WorkerHandle
+
+log = structlog.get_logger("kaas.engine")
+
+LIBRARY_FORMATS = ("cuda", "cubin", "ptx", "fatbin")
+MAX_LIBRARY_BYTES = 32 * 1024 * 1024
+_IDENT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+@dataclass(eq=False, slots=True)
+class ArenaRecord:
+    """A tenant's shared-memory segment, mapped in every worker. The broker keeps the fd."""
+
+    gid: int
+    fd: int
+    size: int
+    session: int
+    inflight: int = 0      # graphs queued or running that use it
+    closed: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False, slots=True)
+class LibraryRecord:
+    digest: str
+    format: str
+    data: bytes
+    kernels: dict[str, KernelSpec]
+    options: tuple[str, ...]
+    log: str = ""
+    ready: asyncio.Future[None] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class ResidentRecord:
+    """Immutable content held by the broker (memfd) and put on devices when a graph needs it."""
+
+    gid: int
+    tenant: str
+    digest: str
+    nbytes: int
+    fd: int
+    devices: set[str] = field(default_factory=set)
+    inflight: int = 0
+    released: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class TenantState:
+    name: str
+    sessions: int = 0
+    libraries: set[str] = field(default_factory=set)
+    residents: dict[str, ResidentRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphResult:
+    device: str
+    timings: Timings
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    job: Job
+    resolved: Resolved
+    future: asyncio.Future[GraphResult]
+    submitted: float
+    deadline: float
+    arenas: tuple[ArenaRecord, ...]
+    residents: tuple[ResidentRecord, ...]
+    dispatched: float = 0.0
+
+
+def library_digest(fmt: str, data: bytes, kernels: Iterable[KernelSpec], options: Iterable[str]) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    for part in (fmt.encode(), data, msgspec.msgpack.encode(tuple(kernels)), "\0".join(options).encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def check_kernel_specs(kernels: tuple[KernelSpec, ...]) -> dict[str, KernelSpec]:
+    """Signatures must be well formed before anything is compiled or loaded."""
+    if not kernels:
+        raise errors.InvalidArgument("a library must declare at least one kernel")
+    out: dict[str, KernelSpec] = {}
+    for k in kernels:
+        if not k.name or not set(k.name) <= _IDENT or k.name[0].isdigit():
+            raise errors.InvalidArgument(f"kernel name {k.name!r} is not a C identifier")
+        if k.name in out:
+            raise errors.InvalidArgument(f"kernel {k.name!r} is declared twice")
+        for p in k.params:
+            if p.kind == "buf":
+                if p.access not in ("in", "out", "inout"):
+                    raise errors.InvalidArgument(f"kernel {k.name!r} parameter {p.name!r}: access must be "
+                                                 f"in, out or inout, not {p.access!r}")
+                if p.dtype and p.dtype not in DTYPES:
+                    raise errors.InvalidArgument(f"kernel {k.name!r} parameter {p.name!r}: unknown dtype {p.dtype!r}")
+            elif p.kind not in SCALAR_TYPES:
+                raise errors.InvalidArgument(f"kernel {k.name!r} parameter {p.name!r}: kind must be 'buf' or one "
+                                             f"of {', '.join(SCALAR_TYPES)}, not {p.kind!r}")
+        if k.host and k.host.count(":") != 1:
+            raise errors.InvalidArgument(f"kernel {k.name!r}: host implementation must be 'module:function'")
+        out[k.name] = k
+    return out
+
+
+def _copy_range(src: int, dst: int, nbytes: int, offset: int) -> int:
+    """Copy from a tenant's segment by file I/O: a truncated segment reads short, never SIGBUS."""
+    done = 0
+    while done < nbytes:
+        chunk = os.pread(src, min(nbytes - done, 8 << 20), offset + done)
+        if not chunk:
+            break
+        os.pwrite(dst, chunk, done)
+        done += len(chunk)
+    return done
+
+
+class Engine:
+    def __init__(self, config: Config, devices: list[str]) -> None:
+        self.config = config
+        self.devices = list(devices)
+        lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
+        self.workers: dict[str, WorkerHandle] = {
+            d: WorkerHandle(d, host_modules=config.host_modules, compile_check=config.compile_check,
+                            on_exit=self._worker_exit)
+            for d in devices}
+        self.scheduler = Scheduler(lanes, config.policy)
+        self.arenas: dict[int, ArenaRecord] = {}
+        self.libraries: dict[str, LibraryRecord] = {}
+        self.residents: dict[int, ResidentRecord] = {}
+        self.tenants: dict[str, TenantState] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.workers.values()))
+
+    async def stop(self) -> None:
+        err = errors.ShuttingDown("broker is shutting down")
+        for p in list(self._pending.values()):
+            if not p.future.done():
+                p.future.set_exception(err)
+        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+        for a in list(self.arenas.values()):
+            self._forget_arena(a)
+        for r in list(self.residents.values()):
+            self._forget_resident(r)
+
+    def _worker_exit(self, worker: WorkerHandle, code: int | None) -> None:
+        # Supervision and replay belong to fault containment; until then the device is down.
+        self.scheduler.set_down(worker.device, True)
+        for r in self.residents.values():
+            r.devices.discard(worker.device)
+
+    def device_info(self) -> list[dict[str, Any]]:
+        return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self.scheduler.running[d]))
+                for d, w in self.workers.items()]
+
+    # -- tenants ---------------------------------------------------------------------------
+    def tenant_open(self, name: str) -> TenantState:
+        st = self.tenants.get(name)
+        if st is None:
+            st = self.tenants[name] = TenantState(name)
+        st.sessions += 1
+        return st
+
+    def tenant_close(self, st: TenantState) -> None:
+        st.sessions -= 1
+        if st.sessions == 0:
+            for rec in list(st.residents.values()):
+                self.release_resident(st, rec)
+            del self.tenants[st.name]
+
+    # -- arenas ----------------------------------------------------------------------------
+    async def register_arena(self, session: int, uid: int, fd: int, size: int) -> ArenaRecord:
+        """Check and map a tenant's segment on every device. Takes ownership of ``fd``."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise errors.InvalidArena("the file descriptor is not a shared-memory segment")
+            if st.st_uid != uid:
+                raise errors.InvalidArena(f"the segment is owned by uid {st.st_uid}, not by the tenant (uid {uid})")
+            if size <= 0 or st.st_size < size:
+                raise errors.InvalidArena(f"declared size {size} does not fit the segment's {st.st_size} bytes",
+                                          detail={"size": size, "segment_size": st.st_size})
+        except BaseException:
+            os.close(fd)
+            raise
+        rec = ArenaRecord(next(self._ids), fd, size, session)
+        rec.idle.set()
+        self.arenas[rec.gid] = rec
+        try:
+            await self._on_all(lambda w: w.call(WPinArena(w.next_seq(), rec.gid, size), fd))
+        except (Exception, asyncio.CancelledError):
+            self._forget_arena(rec)
+            raise
+        return rec
+
+    async def release_arena(self, rec: ArenaRecord) -> None:
+        """Close ``rec`` for new graphs; unmap it once graphs using it are done."""
+        rec.closed = True
+        await rec.idle.wait()
+        if rec.gid in self.arenas:
+            await asyncio.shield(self._unpin(rec))
+
+    async def _unpin(self, rec: ArenaRecord) -> None:
+        try:
+            await self._on_all(lambda w: w.call(WUnpinArena(w.next_seq(), rec.gid)), alive_only=True)
+        except errors.KaasError as exc:
+            log.warning("unpin_failed", arena=rec.gid, error=str(exc))
+        finally:
+            self._forget_arena(rec)
+
+    def _forget_arena(self, rec: ArenaRecord) -> None:
+        if self.arenas.pop(rec.gid, None) is not None:
+            os.close(rec.fd)
+
+    async def _on_all(self, op: Any, *, alive_only: bool = False) -> list[WReply]:
+        ws = [w for w in self.workers.values() if w.alive or not alive_only]
+        return list(await asyncio.gather(*(op(w) for w in ws)))
+
+    # -- libraries -------------------------------------------------------------------------
+    async def register_library(self, tenant: TenantState, fmt: str, data: bytes,
+                               kernels: tuple[KernelSpec, ...], options: tuple[str, ...]) -> tuple[str, bool, str]:
+        """Load a library on every device; the same bytes twice cost nothing. Returns (digest, cached, log)."""
+        if fmt not in LIBRARY_FORMATS:
+            raise errors.InvalidArgument(f"library format {fmt!r} is not one of {', '.join(LIBRARY_FORMATS)}")
+        if not data:
+            raise errors.InvalidArgument("library is empty")
+        if len(data) > MAX_LIBRARY_BYTES:
+            raise errors.InvalidArgument(f"library of {len(data)} bytes exceeds {MAX_LIBRARY_BYTES} bytes")
+        specs = check_kernel_specs(kernels)
+        digest = library_digest(fmt, data, kernels, options)
+        rec = self.libraries.get(digest)
+        cached = rec is not None
+        if rec is None:
+            rec = LibraryRecord(digest, fmt, data, specs, tuple(options))
+            rec.ready = asyncio.get_running_loop().create_future()
+            self.libraries[digest] = rec
+            try:
+                replies = await self._on_all(lambda w: w.call(
+                    WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options))))
+                rec.log = "\n".join(str(r.info.get("log", "")) for r in replies if r.info.get("log"))
+                self.stats["library_loads"] += 1
+                rec.ready.set_result(None)
+            except (Exception, asyncio.CancelledError) as exc:
+                del self.libraries[digest]
+                rec.ready.set_exception(exc)
+                rec.ready.exception()  # retrieved: later waiters re-raise it themselves
+                raise
+        else:
+            assert rec.ready is not None
+            await asyncio.shield(rec.ready)
+        tenant.libraries.add(digest)
+        return digest, cached, rec.log
+
+    def library_kernels(self, tenant: TenantState) -> dict[str, dict[str, KernelSpec]]:
+        return {d: self.libraries[d].kernels for d in tenant.libraries if d in self.libraries}
+
+    # -- residents -------------------------------------------------------------------------
+    async def put_resident(self, tenant: TenantState, arena: ArenaRecord, offset: int, nbytes: int,
+                           digest: bytes) -> tuple[ResidentRecord, bool]:
+        key = digest.hex()
+        rec = tenant.residents.get(key)
+        if rec is not None:
+            return rec, True
+        fd = os.memfd_create("kaas-resident", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            arena.inflight += 1
+            arena.idle.clear()
+            try:
+                copied = await asyncio.to_thread(_copy_range, arena.fd, fd, nbytes, offset)
+            finally:
+                self._arena_done(arena)
+            if copied != nbytes:
+                raise errors.InvalidArena(f"arena shrank under the broker: read {copied} of {nbytes} bytes")
+        except BaseException:
+            os.close(fd)
+            raise
+        rec = tenant.residents.get(key)  # another request of this tenant may have won the race
+        if rec is not None:
+            os.close(fd)
+            return rec, True
+        rec = ResidentRecord(next(self._ids), tenant.name, key, nbytes, fd)
+        self.residents[rec.gid] = rec
+        tenant.residents[key] = rec
+        return rec, False
+
+    def release_resident(self, tenant: TenantState, rec: ResidentRecord) -> None:
+        tenant.residents.pop(rec.digest, None)
+        rec.released = True
+        if rec.inflight == 0:
+            self._forget_resident(rec)
+
+    def _forget_resident(self, rec: ResidentRecord) -> None:
+        if self.residents.pop(rec.gid, None) is None:
+            return
+        for d in rec.devices:
+            w = self.workers[d]
+            if w.alive:
+                w.send(WEvictResident(w.next_seq(), rec.gid))
+        rec.devices.clear()
+        os.close(rec.fd)
+
+    def _holds(self, device: str, residents: frozenset[int]) -> int:
+        return sum(self.residents[r].nbytes for r in residents if r in self.residents
+                   and device in self.residents[r].devices)
+
+    # -- graphs ----------------------------------------------------------------------------
+    def submit(self, *, tenant: str, session: int, resolved: Resolved, timeout: float,
+               priority: int = 0) -> asyncio.Future[GraphResult]:
+        """Queue a validated graph; the future resolves to its result or typed error."""
+        loop = asyncio.get_running_loop()
+        if not any(w.alive for w in self.workers.values()):
+            raise errors.NoDevice("no device worker is running")
+        arenas = tuple(self.arenas[g] for g in resolved.arenas)
+        residents = tuple(self.residents[r] for r in resolved.residents)
+        now = time.monotonic()
+        job = Job(next(self._ids), tenant, session, now, resolved.residents, priority)
+        p = _Pending(job, resolved, loop.create_future(), now, timeout, arenas, residents)
+        for a in arenas:
+            a.inflight += 1
+            a.idle.clear()
+        for r in residents:
+            r.inflight += 1
+        self._pending[job.id] = p
+        self.scheduler.submit(job, now)
+        self._pump()
+        return p.future
+
+    def cancel_session(self, session: int) -> int:
+        """Drop a closing session's queued graphs (running ones finish); returns how many."""
+        gone = self.scheduler.cancel(lambda j: j.session == session)
+        for job in gone:
+            p = self._pending.pop(job.id)
+            self._release_uses(p)
+            if not p.future.done():
+                p.future.cancel()
+        return len(gone)
+
+    def _pump(self) -> None:
+        plan = self.scheduler.schedule(time.monotonic(), self._holds)
+        for a in plan:
+            self._dispatch(a.job, a.device)
+
+    def _dispatch(self, job: Job, device: str) -> None:
+        p = self._pending[job.id]
+        w = self.workers[device]
+        p.dispatched = time.monotonic()
+        for r in p.residents:
+            if device not in r.devices:
+                r.devices.add(device)
+                w.send(WPutResident(w.next_seq(), r.gid, r.nbytes), r.fd).add_done_callback(
+                    functools.partial(self._put_done, r, device))
+                self.stats["resident_puts"] += 1
+        fut = w.send(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority))
+        fut.add_done_callback(functools.partial(self._graph_done, job.id, device))
+
+    def _put_done(self, rec: ResidentRecord, device: str, fut: asyncio.Future[WReply]) -> None:
+        if fut.cancelled() or fut.exception() is not None or fut.result().code:
+            rec.devices.discard(device)
+
+    def _graph_done(self, job_id: int, device: str, fut: asyncio.Future[WReply]) -> None:
+        p = self._pending.pop(job_id, None)
+        now = time.monotonic()
+        reply: WReply | None = None
+        exc: BaseException | None = None
+        if fut.cancelled():
+            exc = errors.WorkerLost(f"device worker {device} went away")
+        else:
+            exc = fut.exception()
+            if exc is None:
+                reply = fut.result()
+        device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
+        self.scheduler.complete(job_id, now, device_time)
+        if p is not None:
+            self._release_uses(p)
+            if not p.future.done():
+                if reply is not None and not reply.code:
+                    t = reply.timings or Timings()
+                    self.stats["graphs"] += 1
+                    p.future.set_result(GraphResult(device, Timings(
+                        queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
+                        copy_out=t.copy_out, total=now - p.submitted)))
+                else:
+                    self.stats["graph_errors"] += 1
+                    if reply is not None:
+                        exc = errors.from_wire(reply.code, reply.message, reply.detail)
+                    p.future.set_exception(exc or errors.InternalError("graph ended without a result"))
+        self._pump()
+
+    def _release_uses(self, p: _Pending) -> None:
+        for a in p.arenas:
+            self._arena_done(a)
+        for r in p.residents:
+            r.inflight -= 1
+            if r.released and r.inflight == 0:
+                self._forget_resident(r)
+
+    def _arena_done(self, a: ArenaRecord) -> None:
+        a.inflight -= 1
+        if a.inflight == 0:
+            a.idle.set()

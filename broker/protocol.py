@@ -1,0 +1,352 @@
+"""The kaas wire protocol: message types and framing. Pure: bytes in, messages out.
+
+A frame is a 4-byte little-endian body length followed by a msgpack body (msgspec,
+array-like structs tagged by their first element).  The length is checked against the
+maximum frame size before a byte of the body is buffered.
+
+Conversation::
+
+    tenant                                broker
+    Hello(version, client)          ->
+                                    <-    Welcome(version, session, tenant, ...) | Error
+    RegisterArena(req, size) + fd   ->    (fd rides on the same sendmsg, SCM_RIGHTS)
+    RunGraph(req, graph, timeout)   ->    any number in flight, matched by ``req``
+                                    <-    GraphDone(req, ...) | Error(req, code, ...)
+
+Every request carries a tenant-chosen ``req`` id (> 0) and gets exactly one reply with
+the same id.  ``Error.req == 0`` answers a frame whose id could not be read.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Literal, Union
+
+import msgspec
+
+from . import errors
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+HEADER = struct.Struct("<I")
+HEADER_SIZE = HEADER.size
+
+ScalarType = Literal["i32", "i64", "u32", "u64", "f32", "f64"]
+SCALAR_TYPES: tuple[str, ...] = ("i32", "i64", "u32", "u64", "f32", "f64")
+Access = Literal["in", "out", "inout"]
+BufferKind = Literal["in", "out", "inout", "temp", "resident"]
+LibraryFormat = Literal["cuda", "cubin", "ptx", "fatbin"]
+DTYPES: tuple[str, ...] = (
+    "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64",
+)
+
+
+class _Base(msgspec.Struct, array_like=True, tag=True, frozen=True, omit_defaults=False):
+    pass
+
+
+# -- pieces of messages -------------------------------------------------------------------
+class Param(msgspec.Struct, array_like=True, frozen=True):
+    """One kernel parameter: a scalar (``kind`` in SCALAR_TYPES) or a buffer (``kind == 'buf'``).
+
+    A buffer parameter has an ``access`` mode and may pin a ``dtype`` ('' accepts any).
+    """
+
+    name: str
+    kind: str
+    access: str = ""
+    dtype: str = ""
+
+
+class KernelSpec(msgspec.Struct, array_like=True, frozen=True):
+    """A kernel's signature and, optionally, its host implementation ``module:function``."""
+
+    name: str
+    params: tuple[Param, ...]
+    host: str = ""
+
+
+class Buf(msgspec.Struct, array_like=True, frozen=True, tag="b"):
+    """A kernel argument naming buffer ``index`` of the graph."""
+
+    index: int
+
+
+class Lit(msgspec.Struct, array_like=True, frozen=True, tag="l"):
+    """A literal kernel argument of scalar type ``dtype`` (one of SCALAR_TYPES)."""
+
+    dtype: str
+    value: int | float
+
+
+Arg = Union[Buf, Lit]
+
+
+class BufferSpec(msgspec.Struct, array_like=True, frozen=True):
+    """A buffer of a graph.
+
+    ``in``/``out``/``inout``: ``nbytes`` at ``offset`` of the session's arena ``arena``.
+    ``temp``: device-only, ``nbytes`` long, zeroed, lives for one request.
+    ``resident``: the session's resident buffer ``resident`` (its digest, hex).
+    """
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    arena: int = 0
+    offset: int = 0
+    resident: str = ""
+
+
+class KernelNode(msgspec.Struct, array_like=True, frozen=True):
+    library: str
+    kernel: str
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    args: tuple[Arg, ...]
+    shared: int = 0
+    deps: tuple[int, ...] = ()
+
+
+class GraphSpec(msgspec.Struct, array_like=True, frozen=True):
+    buffers: tuple[BufferSpec, ...]
+    kernels: tuple[KernelNode, ...]
+
+
+class Timings(msgspec.Struct, array_like=True, frozen=True):
+    """Seconds spent in each stage of one graph. ``kernels`` is the device time charged."""
+
+    queued: float = 0.0
+    copy_in: float = 0.0
+    kernels: float = 0.0
+    copy_out: float = 0.0
+    total: float = 0.0
+
+
+# -- tenant -> broker -----------------------------------------------------------------
+class Hello(_Base, tag="hello"):
+    version: int
+    client: str = ""
+
+
+class RegisterArena(_Base, tag="arena"):
+    """Hand over the shared-memory segment sent with this frame (SCM_RIGHTS) of ``size`` bytes."""
+
+    req: int
+    size: int
+
+
+class ReleaseArena(_Base, tag="arena_release"):
+    req: int
+    arena: int
+
+
+class RegisterLibrary(_Base, tag="library"):
+    req: int
+    format: str
+    data: bytes
+    kernels: tuple[KernelSpec, ...]
+    name: str = ""
+    options: tuple[str, ...] = ()
+
+
+class PutResident(_Base, tag="resident"):
+    """Make ``nbytes`` at ``offset`` of ``arena`` a resident buffer; ``digest`` is its blake2b-256."""
+
+    req: int
+    arena: int
+    offset: int
+    nbytes: int
+    digest: bytes
+
+
+class ReleaseResident(_Base, tag="resident_release"):
+    req: int
+    resident: str
+
+
+class RunGraph(_Base, tag="run"):
+    req: int
+    graph: GraphSpec
+    timeout: float = 0.0
+
+
+class Ping(_Base, tag="ping"):
+    req: int
+
+
+class Status(_Base, tag="status"):
+    req: int
+
+
+TenantMessage = Union[
+    Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident,
+    RunGraph, Ping, Status,
+]
+
+
+# -- broker -> tenant -----------------------------------------------------------------
+class Welcome(_Base, tag="welcome"):
+    version: int
+    session: int
+    tenant: str
+    max_frame: int
+    devices: tuple[str, ...]
+
+
+class ArenaRegistered(_Base, tag="arena_ok"):
+    req: int
+    arena: int
+
+
+class LibraryRegistered(_Base, tag="library_ok"):
+    req: int
+    library: str
+    cached: bool
+    log: str = ""
+
+
+class ResidentRegistered(_Base, tag="resident_ok"):
+    req: int
+    resident: str
+    cached: bool
+
+
+class Done(_Base, tag="ok"):
+    """The reply to a request that returns nothing but success."""
+
+    req: int
+
+
+class GraphDone(_Base, tag="graph_ok"):
+    req: int
+    device: str
+    timings: Timings
+
+
+class Pong(_Base, tag="pong"):
+    req: int
+
+
+class StatusReply(_Base, tag="status_ok"):
+    req: int
+    info: dict[str, Any]
+
+
+class Error(_Base, tag="error"):
+    req: int
+    code: str
+    message: str
+    detail: dict[str, Any] = {}
+
+
+BrokerMessage = Union[
+    Welcome, ArenaRegistered, LibraryRegistered, ResidentRegistered, Done, GraphDone,
+    Pong, StatusReply, Error,
+]
+
+TENANT_TAGS = frozenset(t.__struct_config__.tag for t in TenantMessage.__args__)  # type: ignore[attr-defined]
+
+
+# -- encoding ---------------------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+_tenant_decoder = msgspec.msgpack.Decoder(TenantMessage)
+_broker_decoder = msgspec.msgpack.Decoder(BrokerMessage)
+_raw_decoder = msgspec.msgpack.Decoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """One frame: header + body."""
+    buf = bytearray(HEADER_SIZE)
+    _encoder.encode_into(msg, buf, HEADER_SIZE)
+    HEADER.pack_into(buf, 0, len(buf) - HEADER_SIZE)
+    return bytes(buf)
+
+
+def error_frame(req: int, err: errors.KaasError) -> bytes:
+    return encode(Error(req, err.code, err.message or str(err), err.detail))
+
+
+def _classify(body: bytes | memoryview, exc: Exception, known: frozenset[str] | None) -> errors.ProtocolError:
+    """Turn a decode failure into the most precise typed error, with the request id if readable."""
+    req = 0
+    try:
+        raw = _raw_decoder.decode(body)
+    except msgspec.DecodeError:
+        return errors.MalformedFrame(f"malformed frame: body is not msgpack ({exc})")
+    if isinstance(raw, list) and raw:
+        if len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
+            req = raw[1] if 0 < raw[1] < 2**63 else 0
+        tag = raw[0]
+        if known is not None and (not isinstance(tag, str) or tag not in known):
+            err: errors.ProtocolError = errors.UnknownMessage(f"unknown message type {tag!r}")
+            err.detail["req"] = req
+            return err
+    err = errors.MalformedFrame(f"malformed frame: {exc}")
+    err.detail["req"] = req
+    return err
+
+
+def decode_tenant(body: bytes | memoryview) -> TenantMessage:
+    """Decode a tenant frame body; raises MalformedFrame / UnknownMessage (``detail['req']``)."""
+    try:
+        return _tenant_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _classify(body, exc, TENANT_TAGS) from None
+
+
+def decode_broker(body: bytes | memoryview) -> BrokerMessage:
+    try:
+        return _broker_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _classify(body, exc, None) from None
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies.
+
+    ``feed()`` returns the complete bodies so far.  A header announcing more than
+    ``max_frame`` bytes raises FrameTooLarge before anything of the body is kept; the
+    stream cannot be resynchronised after that, so the caller must close it.
+    """
+
+    __slots__ = ("_buf", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need = -1  # body length of the frame being read; -1 while reading a header
+
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        while True:
+            if self._need < 0:
+                if n - pos < HEADER_SIZE:
+                    break
+                (length,) = HEADER.unpack_from(buf, pos)
+                if length > self.max_frame:
+                    del buf[:]
+                    raise errors.FrameTooLarge(
+                        f"frame of {length} bytes exceeds the maximum frame size of {self.max_frame} bytes",
+                        detail={"size": length, "max_frame": self.max_frame},
+                    )
+                pos += HEADER_SIZE
+                self._need = length
+            if n - pos < self._need:
+                break
+            out.append(bytes(buf[pos:pos + self._need]))
+            pos += self._need
+            self._need = -1
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back (non-zero at EOF means a truncated frame)."""
+        return len(self._buf)

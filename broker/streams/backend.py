@@ -1,0 +1,81 @@
+"""The device backend interface a worker process drives: CPU and CUDA implement it.
+
+A backend owns one device inside one worker process.  The worker loop
+(``broker.streams.worker``) feeds it commands and polls it for finished graphs; the
+backend raises ``broker.errors`` exceptions, which the loop sends back typed.
+
+Promises every backend keeps:
+- ``submit`` never blocks on device work; ``poll`` returns finished graphs.
+- Outputs (``out``/``inout`` buffers) reach their arenas only when every kernel of the
+  graph succeeded: a failed graph leaves the tenant's arenas untouched.
+- ``temp`` buffers start zeroed: memory never carries data from another request.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import KaasError
+from ..protocol import KernelSpec, Timings
+from .wire import ExecGraph
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished graph: ``timings`` on success, ``error`` on failure (exactly one is set)."""
+
+    token: int
+    timings: Timings | None = None
+    error: KaasError | None = None
+
+
+class Backend(abc.ABC):
+    """One device, driven from one thread of a worker process."""
+
+    kind: str  # "cpu" | "cuda"
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Device description: at least ``name``, ``kind``, ``index``, ``memory`` (bytes)."""
+
+    @abc.abstractmethod
+    def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
+                     options: tuple[str, ...]) -> str:
+        """Make ``library`` (content digest) runnable here; returns the compile log.
+
+        Raises CompileError (with ``detail['log']``), HostImplementationError, UnknownKernel.
+        """
+
+    @abc.abstractmethod
+    def pin_arena(self, arena: int, fd: int, size: int) -> None:
+        """Map (and, on CUDA, page-lock) the shared-memory segment ``fd``; the backend owns ``fd``."""
+
+    @abc.abstractmethod
+    def unpin_arena(self, arena: int) -> None:
+        """Forget ``arena``; the broker only asks once no graph using it is in flight."""
+
+    @abc.abstractmethod
+    def put_resident(self, resident: int, fd: int, size: int) -> None:
+        """Copy ``size`` bytes of the broker's host copy ``fd`` into device memory, keyed by ``resident``."""
+
+    @abc.abstractmethod
+    def evict_resident(self, resident: int) -> None:
+        """Free the device copy of ``resident`` (a no-op when absent)."""
+
+    @abc.abstractmethod
+    def submit(self, token: int, graph: ExecGraph, deadline: float, priority: int) -> None:
+        """Start ``graph``; its completion comes out of ``poll`` under ``token``."""
+
+    @abc.abstractmethod
+    def poll(self) -> list[Completion]:
+        """Finished graphs since the last call (may do work, never waits for new work)."""
+
+    @property
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """True while graphs are submitted and not yet returned by ``poll``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the device; idempotent."""

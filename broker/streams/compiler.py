@@ -1,0 +1,148 @@
+"""CUDA C -> CUBIN with NVRTC (from PyPI), with an on-disk cache.
+
+Runs inside device workers (and tests), never in the broker process.  One error
+boundary: NVRTC result codes become ``CompileError`` (tenant's source, with the log) or
+``InternalError`` (the toolchain itself).  CUBIN, not PTX: PTX from a newer NVRTC is
+refused by an older driver, CUBIN for the device's own ``sm_XY`` loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import CompileError, InternalError
+
+_ARCH = re.compile(r"^sm_\d{2,3}[a-z]?$")
+# Options a tenant may pass; anything touching files or the host is refused.
+_ALLOWED_OPTION = re.compile(
+    r"^(-D[A-Za-z_][A-Za-z0-9_]*(=[^\s]*)?|-U[A-Za-z_][A-Za-z0-9_]*|--use_fast_math|-use_fast_math"
+    r"|--std=c\+\+(11|14|17|20)|-std=c\+\+(11|14|17|20)|--fmad=(true|false)|-lineinfo|--extra-device-vectorization"
+    r"|--maxrregcount=\d+|-maxrregcount=\d+|--restrict|-restrict)$"
+)
+
+
+@lru_cache(maxsize=1)
+def _nvrtc():  # type: ignore[no-untyped-def]
+    from cuda.bindings import nvrtc
+
+    return nvrtc
+
+
+def nvrtc_available() -> bool:
+    """True when the NVRTC library can be loaded (no GPU needed)."""
+    try:
+        nvrtc_version()
+    except Exception:
+        return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc = _nvrtc()
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check(err, "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def _check(err: object, what: str) -> None:
+    nvrtc = _nvrtc()
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, name = nvrtc.nvrtcGetErrorString(err)
+        raise InternalError(f"{what} failed: {name.decode(errors='replace')}")
+
+
+def check_options(options: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    bad = [o for o in options if not _ALLOWED_OPTION.match(o)]
+    if bad:
+        raise CompileError(f"compiler option(s) not allowed: {', '.join(map(repr, bad))}",
+                           detail={"log": "", "options": list(bad)})
+    return tuple(options)
+
+
+def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu") -> tuple[bytes, str]:
+    """Compile CUDA C ``source`` to a CUBIN for ``arch`` (``sm_90``); returns (cubin, log).
+
+    Raises CompileError with the compiler log in ``detail['log']`` when the source is bad.
+    """
+    if not _ARCH.match(arch):
+        raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
+    options = check_options(options)
+    nvrtc = _nvrtc()
+    err, prog = nvrtc.nvrtcCreateProgram(source, name.encode(), 0, [], [])
+    _check(err, "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options)]
+        (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+        _check(err, "nvrtcGetProgramLogSize")
+        log_buf = b" " * log_size
+        (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
+        _check(err, "nvrtcGetProgramLog")
+        log = log_buf.rstrip(b"\x00 ").decode(errors="replace")
+        if cerr != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            _, ename = nvrtc.nvrtcGetErrorString(cerr)
+            raise CompileError(
+                f"NVRTC could not compile {name} for {arch} ({ename.decode(errors='replace')}):\n{log}",
+                detail={"log": log, "arch": arch},
+            )
+        err, size = nvrtc.nvrtcGetCUBINSize(prog)
+        _check(err, "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+        _check(err, "nvrtcGetCUBIN")
+        return cubin, log
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("KAAS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaas")
+    return Path(base) / "cubin"
+
+
+class CompileCache:
+    """CUBINs on disk keyed by (source, arch, options, NVRTC version); writes are atomic.
+
+    A cache that cannot be written (read-only home, full disk) degrades to compiling.
+    """
+
+    def __init__(self, directory: Path | str | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, source: bytes, arch: str, options: tuple[str, ...]) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        for part in (source, arch.encode(), "\0".join(options).encode(), repr(nvrtc_version()).encode()):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return h.hexdigest()
+
+    def compile(self, source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu") -> tuple[bytes, str]:
+        options = check_options(options)
+        path = self.directory / f"{self.key(source, arch, options)}.cubin"
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""
+        if data:
+            self.hits += 1
+            return data, ""
+        self.misses += 1
+        cubin, log = compile_cuda(source, arch, options, name)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(cubin)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return cubin, log

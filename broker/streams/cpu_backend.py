@@ -1,0 +1,203 @@
+"""The CPU device: runs each kernel's host implementation (numpy) in the worker process.
+
+It is the embedded default where no GPU exists and what CI tests the whole system on,
+so it keeps every promise of ``Backend``: copies in, runs on private "device" arrays,
+and writes outputs back to arenas only after every kernel succeeded.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from ..protocol import KernelSpec, Lit, Timings
+from .backend import Backend, Completion
+from .wire import ExecGraph
+
+HostFn = Callable[..., None]
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """What a host implementation is told about its launch (mirrors the CUDA launch)."""
+
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared: int
+
+
+def resolve_host(ref: str, allowed: tuple[str, ...]) -> HostFn:
+    """Import ``module:function`` if ``module`` is allowed by the broker's config.
+
+    Allowed entries are module names; ``pkg`` allows ``pkg`` and every ``pkg.sub``.
+    Tenants name functions; they never ship code.
+    """
+    module, sep, func = ref.partition(":")
+    if not sep or not module or not func:
+        raise errors.HostImplementationError(f"host implementation {ref!r} is not of the form 'module:function'")
+    if not any(module == a or module.startswith(a + ".") for a in allowed):
+        raise errors.HostImplementationError(
+            f"host implementation module {module!r} is not allowed by the broker's config "
+            f"(allowed: {', '.join(allowed) or 'none'})")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise errors.HostImplementationError(f"host implementation module {module!r} cannot be imported: {exc}") from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise errors.HostImplementationError(f"{module!r} has no function {func!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+class CpuBackend(Backend):
+    kind = "cpu"
+
+    def __init__(self, index: int = 0, *, host_modules: tuple[str, ...] = ("tenantlib.kernels",),
+                 compile_check: str = "sm_90") -> None:
+        self.index = index
+        self.host_modules = host_modules
+        self.compile_check = compile_check  # arch to check CUDA C source against; "" disables
+        self._arenas: dict[int, mmap.mmap] = {}
+        self._residents: dict[int, np.ndarray] = {}
+        self._kernels: dict[tuple[str, str], tuple[KernelSpec, HostFn]] = {}
+        self._libraries: set[str] = set()
+        self._queue: collections.deque[tuple[int, ExecGraph, float]] = collections.deque()
+        self._cache: Any = None
+
+    def info(self) -> dict[str, Any]:
+        return {"name": f"cpu:{self.index}", "kind": "cpu", "index": self.index,
+                "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                "arch": "host", "cores": os.cpu_count() or 1}
+
+    def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
+                     options: tuple[str, ...]) -> str:
+        if library in self._libraries:
+            return ""
+        log = ""
+        if fmt == "cuda" and self.compile_check:
+            log = self._check_source(data, options)
+        resolved: dict[tuple[str, str], tuple[KernelSpec, HostFn]] = {}
+        for spec in kernels:
+            if not spec.host:
+                raise errors.HostImplementationError(
+                    f"kernel {spec.name!r} has no host implementation, and the CPU device runs only "
+                    "host implementations", detail={"kernel": spec.name})
+            resolved[(library, spec.name)] = (spec, resolve_host(spec.host, self.host_modules))
+        self._kernels.update(resolved)
+        self._libraries.add(library)
+        return log
+
+    def _check_source(self, source: bytes, options: tuple[str, ...]) -> str:
+        """Compile CUDA C with NVRTC (when installed) so tenants see compile errors on CPU too."""
+        from . import compiler
+
+        if not compiler.nvrtc_available():
+            return ""
+        if self._cache is None:
+            self._cache = compiler.CompileCache()
+        _, log = self._cache.compile(source, self.compile_check, options)
+        return str(log)
+
+    def pin_arena(self, arena: int, fd: int, size: int) -> None:
+        try:
+            self._arenas[arena] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            raise errors.InvalidArena(f"cannot map arena of {size} bytes: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def unpin_arena(self, arena: int) -> None:
+        mm = self._arenas.pop(arena, None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view escaped; the mapping goes with it
+                pass
+
+    def put_resident(self, resident: int, fd: int, size: int) -> None:
+        try:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+                arr = np.frombuffer(mm, dtype=np.uint8, count=size).copy()
+        finally:
+            os.close(fd)
+        arr.flags.writeable = False
+        self._residents[resident] = arr
+
+    def evict_resident(self, resident: int) -> None:
+        self._residents.pop(resident, None)
+
+    def submit(self, token: int, graph: ExecGraph, deadline: float, priority: int) -> None:
+        self._queue.append((token, graph, time.perf_counter()))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def poll(self) -> list[Completion]:
+        """Run one queued graph, so the worker reads commands between graphs."""
+        if not self._queue:
+            return []
+        token, graph, _ = self._queue.popleft()
+        try:
+            return [Completion(token, timings=self._run(graph))]
+        except errors.KaasError as exc:
+            return [Completion(token, error=exc)]
+
+    def _view(self, arena: int, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int) -> np.ndarray:
+        mm = self._arenas.get(arena)
+        if mm is None:
+            raise errors.InternalError(f"arena {arena} is not pinned on {self.info()['name']}")
+        if offset + nbytes > len(mm):
+            raise errors.InternalError(f"arena {arena} slice {offset}+{nbytes} exceeds its {len(mm)} bytes")
+        return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+
+    def _run(self, graph: ExecGraph) -> Timings:
+        t0 = time.perf_counter()
+        arrays: list[np.ndarray] = []
+        for b in graph.buffers:
+            dt = np.dtype(b.dtype)
+            if b.kind in ("in", "inout"):
+                arrays.append(self._view(b.arena, dt, b.shape, b.offset, b.nbytes).copy())
+            elif b.kind in ("out", "temp"):
+                arrays.append(np.zeros(b.shape, dtype=dt))
+            elif b.kind == "resident":
+                res = self._residents.get(b.resident)
+                if res is None:
+                    raise errors.InternalError(f"resident {b.resident} is not on this device")
+                arrays.append(res[:b.nbytes].view(dt).reshape(b.shape))
+            else:
+                raise errors.InternalError(f"unknown buffer kind {b.kind!r}")
+        t1 = time.perf_counter()
+        for i, k in enumerate(graph.kernels):
+            entry = self._kernels.get((k.library, k.kernel))
+            if entry is None:
+                raise errors.InternalError(f"kernel {k.kernel!r} of library {k.library[:12]} is not loaded")
+            _, fn = entry
+            args = [a.value if isinstance(a, Lit) else arrays[a.index] for a in k.args]
+            try:
+                fn(Launch(k.grid, k.block, k.shared), *args)
+            except Exception as exc:  # the host implementation is the "kernel": its failure is a fault
+                raise errors.KernelFault(
+                    f"kernel {k.kernel!r} (#{i}) failed on the CPU device: {type(exc).__name__}: {exc}",
+                    detail={"kernel": k.kernel, "index": i, "exception": type(exc).__name__}) from None
+        t2 = time.perf_counter()
+        for b, arr in zip(graph.buffers, arrays, strict=True):
+            if b.kind in ("out", "inout"):
+                self._view(b.arena, arr.dtype, b.shape, b.offset, b.nbytes)[...] = arr
+        t3 = time.perf_counter()
+        return Timings(copy_in=t1 - t0, kernels=t2 - t1, copy_out=t3 - t2, total=t3 - t0)
+
+    def close(self) -> None:
+        for a in list(self._arenas):
+            self.unpin_arena(a)
+        self._residents.clear()
+        self._queue.clear()

@@ -1,0 +1,942 @@
+"""The CUDA device: one GPU driven through ``cuda.bindings.driver`` inside a device worker.
+
+The only module of kaas that talks to the CUDA driver, and it does so through one error
+boundary, ``_check``: every raw ``(CUresult, value...)`` tuple is checked there and turned
+into a ``broker.errors`` exception carrying the error's name and description.  Raw result
+tuples never leave this module.
+
+How a graph runs (all of it enqueued by ``submit`` on one *stream lane*, never waited on):
+
+1. one stream-ordered allocation holds every ``in``/``inout``/``out``/``temp`` buffer of the
+   graph (``in``/``inout`` first, then the zeroed ones, so one memset scrubs them all);
+2. ``in``/``inout`` are copied host-to-device from the tenant's arena, which was page-locked
+   once by ``pin_arena`` (never per request);
+3. the kernels are launched in order;
+4. ``out``/``inout`` are copied back into the arena and the allocation is freed.
+
+Events after each stage give the timings; ``poll`` asks the last one (``cuEventQuery``), so
+completion costs no thread and no callback.  A kernel that faults leaves the context dead
+(sticky error): every later copy fails too, so outputs never reach an arena, and the
+backend says ``poisoned`` so that the worker exits and the broker starts a fresh one.  A
+graph past its deadline cannot be stopped from inside the process either: it is failed and
+the backend is poisoned the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from cuda.bindings import driver
+
+from .. import errors
+from ..protocol import KernelSpec, Lit, Timings
+from .backend import Backend, Completion
+from .compiler import CompileCache
+from .wire import ExecGraph
+
+__all__ = ["CudaBackend", "direct_null_latency"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_R_NOT_READY = driver.CUresult.CUDA_ERROR_NOT_READY
+_R_OOM = "CUDA_ERROR_OUT_OF_MEMORY"
+
+# Errors after which the context is unusable for the rest of the process (the driver's
+# "the process must be terminated and relaunched"): the backend is poisoned by any of them.
+# Those a kernel causes are KernelFault; the hardware's own are DeviceError.
+_KERNEL_FAULTS = frozenset({
+    "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_TIMEOUT", "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC", "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_CONTAINED", "CUDA_ERROR_TENSOR_MEMORY_LEAK",
+})
+_STICKY = _KERNEL_FAULTS | {"CUDA_ERROR_ECC_UNCORRECTABLE", "CUDA_ERROR_NVLINK_UNCORRECTABLE"}
+
+# Module-load failures that mean "this image is bad for this device", i.e. the tenant's input.
+_BAD_IMAGE = frozenset({
+    "CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_INVALID_PTX", "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+    "CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_SOURCE", "CUDA_ERROR_INVALID_VALUE",
+    "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED", "CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND",
+    "CUDA_ERROR_JIT_COMPILER_NOT_FOUND", "CUDA_ERROR_UNSUPPORTED_EXEC_AFFINITY",
+})
+
+_ALIGN = 256  # device offset of every buffer inside a graph's allocation
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_PAGE = mmap.PAGESIZE
+_NO_RELEASE = 2**64 - 1
+
+# One 8-byte slot per kernel argument: the driver copies each parameter from its pointer,
+# reading as many bytes as the kernel's parameter has.
+_SLOT = {"buf": "Q", "i32": "i4x", "u32": "I4x", "f32": "f4x", "i64": "q", "u64": "Q", "f64": "d"}
+_SIZE = {"buf": 8, "i32": 4, "u32": 4, "f32": 4, "i64": 8, "u64": 8, "f64": 8}
+
+
+# -- the error boundary -------------------------------------------------------------------
+def _error_name(err: Any) -> str:
+    try:
+        res, name = driver.cuGetErrorName(err)
+        if not res and name:
+            return bytes(name).decode(errors="replace")
+    except (TypeError, ValueError, RuntimeError):  # a code this binding does not know
+        return f"CUresult({int(err)})"
+    return getattr(err, "name", None) or f"CUresult({int(err)})"
+
+
+def _error_string(err: Any) -> str:
+    try:
+        res, desc = driver.cuGetErrorString(err)
+        if not res and desc:
+            return bytes(desc).decode(errors="replace")
+    except (TypeError, ValueError, RuntimeError):
+        return "no description"
+    return "no description"
+
+
+def _error(err: Any, what: str = "", **detail: Any) -> errors.DeviceError:
+    """The exception for a failed driver call: KernelFault for a kernel's sticky fault, else DeviceError."""
+    name = _error_name(err)
+    message = f"{name}: {_error_string(err)}"
+    if what:
+        message = f"{what} failed: {message}"
+    cls = errors.KernelFault if name in _KERNEL_FAULTS else errors.DeviceError
+    return cls(message, detail={"cuda_error": name, **detail})
+
+
+def _check(result: tuple[Any, ...], what: str = "") -> Any:
+    """Return the value(s) of a ``cuda.bindings.driver`` call, or raise its error (see ``_error``)."""
+    err = result[0]
+    if err:  # CUDA_SUCCESS is 0
+        raise _error(err, what)
+    n = len(result)
+    if n == 1:
+        return None
+    if n == 2:
+        return result[1]
+    return result[1:]
+
+
+def _is_sticky(exc: BaseException) -> bool:
+    return isinstance(exc, errors.KaasError) and exc.detail.get("cuda_error") in _STICKY
+
+
+def _guarded(method: Callable[Concatenate[CudaBackend, _P], _R]) -> Callable[Concatenate[CudaBackend, _P], _R]:
+    """Mark the backend poisoned when a sticky error passes out of ``method``."""
+
+    @functools.wraps(method)
+    def wrapper(self: CudaBackend, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except errors.KaasError as exc:
+            if _is_sticky(exc):
+                self.poisoned = True
+            raise
+
+    return wrapper
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# -- resources ----------------------------------------------------------------------------
+@dataclass(eq=False, slots=True)
+class _Arena:
+    """A tenant's shared-memory segment, mapped and page-locked for the life of the pin."""
+
+    mm: mmap.mmap
+    anchor: Any  # the ctypes object giving ``ptr``; holds an export of ``mm`` until unpinned
+    ptr: int
+    size: int
+    users: int = 0  # graphs submitted and not finished that copy to or from this arena
+
+
+@dataclass(eq=False, slots=True)
+class _Resident:
+    ptr: int
+    size: int
+    users: int = 0  # graphs submitted and not finished that read it
+
+
+@dataclass(eq=False, slots=True)
+class _Library:
+    module: Any
+    functions: dict[str, Any]
+    specs: dict[str, KernelSpec]
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """A non-blocking stream and the four events of the one graph it runs at a time."""
+
+    stream: Any
+    events: tuple[Any, Any, Any, Any]  # start, after copy-in, after kernels, after copy-out
+    high: bool
+
+
+@dataclass(eq=False, slots=True)
+class _Launch:
+    """One kernel launch, packed as far as possible before the graph's memory exists."""
+
+    function: Any
+    packer: struct.Struct
+    values: list[int | float]  # literal values; buffer slots are filled at dispatch
+    buffers: tuple[tuple[int, int], ...]  # (argument position, graph buffer index)
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared: int
+    name: str
+    index: int
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """A submitted graph: its resolved plan and, once started, its lane and memory."""
+
+    token: int
+    graph: ExecGraph
+    deadline: float
+    high: bool
+    submitted: float
+    size: int  # bytes of the graph's one device allocation
+    slots: list[tuple[bool, int]]  # per buffer: (fixed pointer?, pointer or offset in the allocation)
+    copy_in: list[tuple[int, int, int]]  # (device offset, host pointer, bytes)
+    copy_out: list[tuple[int, int, int]]  # (host pointer, device offset, bytes)
+    zero: tuple[int, int]  # (device offset, bytes) scrubbed before the kernels run
+    launches: list[_Launch]
+    arenas: list[_Arena]
+    residents: list[_Resident]
+    started: float = 0.0
+    lane: _Lane | None = None
+    base: int = 0
+    ptrs: list[int] = field(default_factory=list)
+
+
+class CudaBackend(Backend):
+    """One CUDA device, through its primary context, from one thread of a worker process."""
+
+    kind = "cuda"
+
+    def __init__(self, index: int = 0, *, lanes: int = 8, high_lanes: int = 2,
+                 compile_cache: CompileCache | None = None) -> None:
+        self.index = index
+        self.poisoned = False  # a sticky error or a missed deadline: the process must be replaced
+        self._closed = True
+        self._context: Any = None
+        self._lanes: list[_Lane] = []
+        self._arenas: dict[int, _Arena] = {}
+        self._residents: dict[int, _Resident] = {}
+        self._libraries: dict[str, _Library] = {}
+        self._running: dict[int, _Run] = {}  # started on a lane, not yet finished
+        # Invariant: a token is in exactly one of _waiting_*, _running, _done until poll returns it.
+        self._waiting_high: collections.deque[_Run] = collections.deque()
+        self._waiting_normal: collections.deque[_Run] = collections.deque()
+        self._done: list[Completion] = []
+        self._tokens: set[int] = set()
+        self._free_high: list[_Lane] = []
+        self._free_normal: list[_Lane] = []
+        self._compiler = compile_cache or CompileCache()
+        self._argbuf = ctypes.create_string_buffer(0)
+        self._argptrs: Any = None
+        self._argptrs_addr = 0
+        self._grow_args(64)
+
+        _check(driver.cuInit(0), "cuInit")
+        self._device = _check(driver.cuDeviceGet(index), f"cuDeviceGet({index})")
+        self._context = _check(driver.cuDevicePrimaryCtxRetain(self._device), "cuDevicePrimaryCtxRetain")
+        self._closed = False
+        try:
+            _check(driver.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+            attr = driver.CUdevice_attribute
+            major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._device))
+            minor = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._device))
+            self.arch = f"sm_{major}{minor}"
+            raw_name = _check(driver.cuDeviceGetName(256, self._device))
+            self.name = bytes(raw_name).split(b"\0", 1)[0].decode(errors="replace").strip()
+            self.memory = int(_check(driver.cuDeviceTotalMem(self._device)))
+            self.driver_version = int(_check(driver.cuDriverGetVersion()))
+            self.sm_count = int(_check(driver.cuDeviceGetAttribute(
+                attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self._device)))
+            # Freed graph memory stays in the pool for the next graph instead of going back
+            # to the driver (and then forth again) at every synchronisation.
+            self._pool = _check(driver.cuDeviceGetDefaultMemPool(self._device), "cuDeviceGetDefaultMemPool")
+            _check(driver.cuMemPoolSetAttribute(
+                self._pool, driver.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                driver.cuuint64_t(_NO_RELEASE)), "cuMemPoolSetAttribute(RELEASE_THRESHOLD)")
+            least, greatest = _check(driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
+            for i in range(lanes + high_lanes):
+                high = i >= lanes
+                lane = self._new_lane(greatest if high else least, high)
+                self._lanes.append(lane)
+                (self._free_high if high else self._free_normal).append(lane)
+            if not self._free_normal:
+                raise errors.InternalError("a CUDA backend needs at least one normal-priority lane")
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_lane(self, priority: int, high: bool) -> _Lane:
+        stream = _check(driver.cuStreamCreateWithPriority(
+            driver.CUstream_flags.CU_STREAM_NON_BLOCKING, priority), "cuStreamCreateWithPriority")
+        events = tuple(_check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate")
+                       for _ in range(4))
+        return _Lane(stream, events, high)  # type: ignore[arg-type]
+
+    def _grow_args(self, slots: int) -> None:
+        """Argument scratch: ``slots`` 8-byte values and the pointer array naming them.
+
+        cuLaunchKernel copies the arguments before it returns, so one scratch serves every launch.
+        """
+        self._argbuf = ctypes.create_string_buffer(8 * slots)
+        base = ctypes.addressof(self._argbuf)
+        self._argptrs = (ctypes.c_void_p * slots)(*(base + 8 * i for i in range(slots)))
+        self._argptrs_addr = ctypes.addressof(self._argptrs)
+
+    # -- Backend ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "cuda", "index": self.index, "arch": self.arch,
+                "memory": self.memory, "driver_version": self.driver_version, "sm_count": self.sm_count,
+                "lanes": len(self._lanes)}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._waiting_high or self._waiting_normal or self._done)
+
+    @_guarded
+    def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
+                     options: tuple[str, ...]) -> str:
+        self._usable()
+        lib = self._libraries.get(library)
+        if lib is not None and all(k.name in lib.functions for k in kernels):
+            return ""
+        log = ""
+        fresh = lib is None
+        if lib is None:
+            if fmt == "cuda":
+                image, log = self._compiler.compile(bytes(data), self.arch, tuple(options))
+            elif fmt in ("cubin", "fatbin"):
+                image = bytes(data)
+            elif fmt == "ptx":
+                image = bytes(data) if bytes(data).endswith(b"\0") else bytes(data) + b"\0"
+            else:
+                raise errors.InvalidArgument(f"unknown library format {fmt!r} (expected cuda, cubin, ptx or fatbin)")
+            try:
+                if fmt == "ptx":
+                    module = _check(driver.cuModuleLoadDataEx(image, 0, [], []), "cuModuleLoadDataEx")
+                else:
+                    module = _check(driver.cuModuleLoadData(image), "cuModuleLoadData")
+            except errors.DeviceError as exc:
+                name = exc.detail.get("cuda_error", "")
+                if name in _BAD_IMAGE:
+                    raise errors.CompileError(
+                        f"library {library[:12]} ({fmt}) cannot be loaded on {self.name} ({self.arch}): {exc}",
+                        detail={"log": log or str(exc), "cuda_error": name, "arch": self.arch}) from None
+                raise
+            lib = _Library(module, {}, {})
+        try:
+            found: dict[str, Any] = {}
+            for spec in kernels:
+                if spec.name in lib.functions:
+                    continue
+                res = driver.cuModuleGetFunction(lib.module, spec.name.encode())
+                if res[0] == driver.CUresult.CUDA_ERROR_NOT_FOUND:
+                    raise errors.UnknownKernel(
+                        f"library {library[:12]} has no kernel {spec.name!r} (CUDA C kernels must be "
+                        "declared extern \"C\" to keep their plain names)",
+                        detail={"library": library, "kernel": spec.name})
+                function = _check(res, f"cuModuleGetFunction({spec.name!r})")
+                self._check_signature(library, spec, function)
+                found[spec.name] = function
+        except BaseException:
+            if fresh:
+                driver.cuModuleUnload(lib.module)
+            raise
+        for spec in kernels:
+            if spec.name in found:
+                lib.functions[spec.name] = found[spec.name]
+                lib.specs[spec.name] = spec
+        self._libraries[library] = lib
+        return str(log)
+
+    def _check_signature(self, library: str, spec: KernelSpec, function: Any) -> None:
+        """Refuse a KernelSpec whose parameters do not match the compiled kernel's."""
+        for p in spec.params:
+            if p.kind not in _SLOT:
+                raise errors.ArgumentError(f"kernel {spec.name!r}: parameter {p.name!r} has unknown kind {p.kind!r}",
+                                           detail={"kernel": spec.name, "param": p.name})
+        sizes: list[int] = []
+        while True:
+            res = driver.cuFuncGetParamInfo(function, len(sizes))
+            if res[0]:
+                break  # past the last parameter (or a driver that cannot tell: nothing to compare)
+            sizes.append(int(res[2]))
+            if len(sizes) > 4096:
+                return
+        if not sizes and res[0] != driver.CUresult.CUDA_ERROR_INVALID_VALUE:
+            return
+        want = [_SIZE[p.kind] for p in spec.params]
+        if sizes != want:
+            raise errors.ArgumentError(
+                f"kernel {spec.name!r} of library {library[:12]} takes {len(sizes)} parameter(s) of "
+                f"{sizes} bytes, but its spec declares {len(want)} of {want} bytes",
+                detail={"kernel": spec.name, "library": library, "compiled": sizes, "declared": want})
+
+    @_guarded
+    def pin_arena(self, arena: int, fd: int, size: int) -> None:
+        try:
+            self._usable()
+            if arena in self._arenas:
+                raise errors.InternalError(f"arena {arena} is already pinned on {self.name}")
+            if size <= 0:
+                raise errors.InvalidArena(f"cannot pin an arena of {size} bytes")
+            try:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError) as exc:
+                raise errors.InvalidArena(f"cannot map arena of {size} bytes: {exc}") from None
+        finally:
+            os.close(fd)
+        anchor = ctypes.c_char.from_buffer(mm)
+        ptr = ctypes.addressof(anchor)
+        _prefault(mm, size)
+        try:
+            # Registering pre-faulted pages is ~10x faster than letting the driver fault them.
+            _check(driver.cuMemHostRegister(ptr, _round_up(size, _PAGE), 0),
+                   f"cuMemHostRegister of arena {arena} ({_mib(size)})")
+        except BaseException:
+            del anchor
+            mm.close()
+            raise
+        self._arenas[arena] = _Arena(mm, anchor, ptr, size)
+
+    @_guarded
+    def unpin_arena(self, arena: int) -> None:
+        a = self._arenas.get(arena)
+        if a is None:
+            return
+        if a.users:
+            raise errors.InternalError(f"arena {arena} is still used by {a.users} graph(s) in flight")
+        del self._arenas[arena]
+        self._release_arena(a, unregister=True)
+
+    def _release_arena(self, a: _Arena, *, unregister: bool) -> None:
+        try:
+            if unregister:
+                _check(driver.cuMemHostUnregister(a.ptr), "cuMemHostUnregister")
+        finally:
+            a.anchor = None
+            try:
+                a.mm.close()
+            except BufferError:  # an export escaped; the mapping goes when it does
+                pass
+
+    @_guarded
+    def put_resident(self, resident: int, fd: int, size: int) -> None:
+        try:
+            self._usable()
+            old = self._residents.get(resident)
+            if old is not None and old.size == size:
+                return  # content-addressed: the same id is the same bytes
+            if old is not None:
+                raise errors.InternalError(f"resident {resident} is already on {self.name} with another size")
+            if size <= 0:
+                raise errors.InvalidArgument(f"cannot make a resident buffer of {size} bytes")
+            try:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError) as exc:
+                raise errors.InvalidArgument(f"cannot map resident host copy of {size} bytes: {exc}") from None
+        finally:
+            os.close(fd)
+        try:
+            ptr = self._alloc(size, f"resident {resident}")
+            try:
+                view = memoryview(mm)
+                try:
+                    _check(driver.cuMemcpyHtoD(ptr, view, size), f"copying resident {resident} to the device")
+                finally:
+                    view.release()
+            except BaseException:
+                driver.cuMemFree(ptr)
+                raise
+        finally:
+            mm.close()
+        self._residents[resident] = _Resident(ptr, size)
+
+    def _alloc(self, size: int, what: str) -> int:
+        """cuMemAlloc, handing the pool's cached blocks back to the driver once before giving up."""
+        res = driver.cuMemAlloc(size)
+        if res[0] == driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
+            _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+            _check(driver.cuMemPoolTrimTo(self._pool, 0), "cuMemPoolTrimTo")
+            res = driver.cuMemAlloc(size)
+            if res[0] == driver.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
+                free, total = _check(driver.cuMemGetInfo())
+                raise errors.DeviceError(
+                    f"out of device memory allocating {_mib(size)} for {what} on {self.name} "
+                    f"(free: {_mib(int(free))} of {_mib(int(total))})",
+                    detail={"cuda_error": _R_OOM, "bytes": size})
+        return int(_check(res, f"cuMemAlloc({size}) for {what}"))
+
+    @_guarded
+    def evict_resident(self, resident: int) -> None:
+        r = self._residents.get(resident)
+        if r is None:
+            return
+        if r.users:
+            raise errors.InternalError(f"resident {resident} is still used by {r.users} graph(s) in flight")
+        del self._residents[resident]
+        _check(driver.cuMemFree(r.ptr), f"freeing resident {resident}")
+
+    @_guarded
+    def submit(self, token: int, graph: ExecGraph, deadline: float, priority: int) -> None:
+        """Queue ``graph``; raises only when it is refused up front (then no Completion follows).
+
+        Once ``submit`` returns, exactly one Completion for ``token`` comes out of ``poll``:
+        launch errors and faults arrive there too.
+        """
+        self._usable()
+        if token in self._tokens:
+            raise errors.InternalError(f"token {token} is already in flight")
+        run = self._plan(token, graph, deadline, priority > 0)
+        for a in run.arenas:
+            a.users += 1
+        for r in run.residents:
+            r.users += 1
+        self._tokens.add(token)
+        if run.high:
+            self._waiting_high.append(run)
+        else:
+            self._waiting_normal.append(run)
+        self._pump()
+
+    def _plan(self, token: int, graph: ExecGraph, deadline: float, high: bool) -> _Run:
+        """Resolve buffers and kernels of ``graph`` into pointers, copies and packed launches."""
+        slots: list[tuple[bool, int]] = []
+        copy_in: list[tuple[int, int, int]] = []
+        copy_out: list[tuple[int, int, int]] = []
+        arenas: list[_Arena] = []
+        residents: list[_Resident] = []
+        offset = 0
+        pending_zero: list[int] = []
+        for i, b in enumerate(graph.buffers):
+            if b.nbytes < 0:
+                raise errors.InternalError(f"buffer {i} has a negative size")
+            kind = b.kind
+            if kind == "resident":
+                r = self._residents.get(b.resident)
+                if r is None:
+                    raise errors.UnknownResident(f"resident {b.resident} is not on {self.name}",
+                                                 detail={"resident": b.resident})
+                if b.nbytes > r.size:
+                    raise errors.InternalError(f"buffer {i} reads {b.nbytes} bytes of a {r.size}-byte resident")
+                residents.append(r)
+                slots.append((True, r.ptr))
+            elif kind in ("in", "inout", "out"):
+                a = self._arenas.get(b.arena)
+                if a is None:
+                    raise errors.InternalError(f"arena {b.arena} is not pinned on {self.name}")
+                if b.offset < 0 or b.offset + b.nbytes > a.size:
+                    raise errors.InternalError(
+                        f"buffer {i}: arena {b.arena} slice {b.offset}+{b.nbytes} exceeds its {a.size} bytes")
+                arenas.append(a)
+                if kind == "out":
+                    pending_zero.append(i)
+                    slots.append((False, -1))
+                    continue
+                slots.append((False, offset))
+                if b.nbytes:
+                    copy_in.append((offset, a.ptr + b.offset, b.nbytes))
+                    if kind == "inout":
+                        copy_out.append((a.ptr + b.offset, offset, b.nbytes))
+                offset += _round_up(b.nbytes, _ALIGN)
+            elif kind == "temp":
+                pending_zero.append(i)
+                slots.append((False, -1))
+            else:
+                raise errors.InternalError(f"buffer {i} has unknown kind {kind!r}")
+        # Everything zeroed lies after the copied-in buffers: one memset scrubs it all.
+        zero_start = offset
+        for i in pending_zero:
+            b = graph.buffers[i]
+            slots[i] = (False, offset)
+            if b.kind == "out" and b.nbytes:
+                copy_out.append((self._arenas[b.arena].ptr + b.offset, offset, b.nbytes))
+            offset += _round_up(b.nbytes, _ALIGN)
+        launches = [self._pack(n, k, graph) for n, k in enumerate(graph.kernels)]
+        return _Run(token, graph, deadline, high, time.perf_counter(), offset, slots, copy_in, copy_out,
+                    (zero_start, offset - zero_start), launches, arenas, residents)
+
+    def _pack(self, n: int, k: Any, graph: ExecGraph) -> _Launch:
+        lib = self._libraries.get(k.library)
+        if lib is None:
+            raise errors.UnknownLibrary(f"library {k.library[:12]} is not loaded on {self.name}",
+                                        detail={"library": k.library})
+        function = lib.functions.get(k.kernel)
+        if function is None:
+            raise errors.UnknownKernel(f"library {k.library[:12]} has no kernel {k.kernel!r} loaded",
+                                       detail={"library": k.library, "kernel": k.kernel})
+        params = lib.specs[k.kernel].params
+        where = f"kernel {n} ({k.kernel!r})"
+        if len(k.args) != len(params):
+            raise errors.ArgumentError(f"{where} takes {len(params)} argument(s), {len(k.args)} given",
+                                       detail={"kernel": k.kernel, "index": n})
+        values: list[int | float] = []
+        buffers: list[tuple[int, int]] = []
+        for pos, (p, arg) in enumerate(zip(params, k.args, strict=True)):
+            if isinstance(arg, Lit):
+                if p.kind == "buf":
+                    raise errors.ArgumentError(f"{where}: parameter {p.name!r} is a buffer, got a literal",
+                                               detail={"kernel": k.kernel, "index": n, "param": p.name})
+                values.append(arg.value)
+            else:
+                if p.kind != "buf":
+                    raise errors.ArgumentError(f"{where}: parameter {p.name!r} is {p.kind}, got a buffer",
+                                               detail={"kernel": k.kernel, "index": n, "param": p.name})
+                if not 0 <= arg.index < len(graph.buffers):
+                    raise errors.ArgumentError(f"{where}: no buffer {arg.index}",
+                                               detail={"kernel": k.kernel, "index": n, "param": p.name})
+                values.append(0)
+                buffers.append((pos, arg.index))
+        packer = struct.Struct("<" + "".join(_SLOT[p.kind] for p in params))
+        try:
+            packer.pack(*values)
+        except struct.error as exc:
+            raise errors.ArgumentError(f"{where}: a literal does not fit its parameter type: {exc}",
+                                       detail={"kernel": k.kernel, "index": n}) from None
+        if len(params) * 8 > len(self._argbuf):
+            self._grow_args(len(params))
+        grid = (int(k.grid[0]), int(k.grid[1]), int(k.grid[2]))
+        block = (int(k.block[0]), int(k.block[1]), int(k.block[2]))
+        return _Launch(function, packer, values, tuple(buffers), grid, block, int(k.shared), k.kernel, n)
+
+    # -- running ------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Start waiting graphs on free lanes: high priority first, on a high lane if one is free."""
+        while self._waiting_high and (self._free_high or self._free_normal):
+            lane = self._free_high.pop() if self._free_high else self._free_normal.pop()
+            self._start(self._waiting_high.popleft(), lane)
+        while self._waiting_normal and self._free_normal:
+            self._start(self._waiting_normal.popleft(), self._free_normal.pop())
+
+    def _start(self, run: _Run, lane: _Lane) -> None:
+        """Enqueue the whole graph on ``lane``; a failure becomes the graph's Completion."""
+        d = driver
+        s = lane.stream
+        ev = lane.events
+        run.lane = lane
+        run.started = time.perf_counter()
+        try:
+            _check(d.cuEventRecord(ev[0], s), "cuEventRecord")
+            if run.size:
+                res = d.cuMemAllocFromPoolAsync(run.size, self._pool, s)
+                if res[0]:
+                    raise _error(res[0], f"allocating {_mib(run.size)} of device memory for the graph",
+                                 bytes=run.size)
+                run.base = base = int(res[1])
+            else:
+                base = 0
+            run.ptrs = ptrs = [v if fixed else base + v for fixed, v in run.slots]
+            for dev, host, nbytes in run.copy_in:
+                _check(d.cuMemcpyHtoDAsync(base + dev, host, nbytes, s), "copy-in")
+            zoff, zlen = run.zero
+            if zlen:
+                _check(d.cuMemsetD8Async(base + zoff, 0, zlen, s), "scrubbing out/temp buffers")
+            _check(d.cuEventRecord(ev[1], s), "cuEventRecord")
+            argbuf = self._argbuf
+            argptrs = self._argptrs_addr
+            for ln in run.launches:
+                values = ln.values
+                for pos, b in ln.buffers:
+                    values[pos] = ptrs[b]
+                ln.packer.pack_into(argbuf, 0, *values)
+                g = ln.grid
+                bl = ln.block
+                err = d.cuLaunchKernel(ln.function, g[0], g[1], g[2], bl[0], bl[1], bl[2], ln.shared, s,
+                                       argptrs, 0)[0]
+                if err:
+                    raise _error(err, f"launching kernel {ln.index} ({ln.name!r}) with grid {g}, block {bl}, "
+                                      f"{ln.shared} bytes of shared memory", kernel=ln.name, index=ln.index)
+            _check(d.cuEventRecord(ev[2], s), "cuEventRecord")
+            for host, dev, nbytes in run.copy_out:
+                _check(d.cuMemcpyDtoHAsync(host, base + dev, nbytes, s), "copy-out")
+            _check(d.cuEventRecord(ev[3], s), "cuEventRecord")
+            if run.base:
+                _check(d.cuMemFreeAsync(run.base, s), "cuMemFreeAsync")
+                run.base = 0
+        except errors.KaasError as exc:
+            self._abort(run, exc)
+            return
+        self._running[run.token] = run
+
+    def _abort(self, run: _Run, exc: errors.KaasError) -> None:
+        """A graph failed while being enqueued: nothing was copied out; free, drain the lane, report."""
+        if _is_sticky(exc):
+            self.poisoned = True
+        if isinstance(exc, errors.DeviceError) and "cuda_error" in exc.detail and not isinstance(
+                exc, errors.KernelFault) and "index" in exc.detail:
+            exc = errors.KernelFault(exc.message, detail=exc.detail)  # a launch the driver refused
+        lane = run.lane
+        assert lane is not None
+        if run.base:
+            driver.cuMemFreeAsync(run.base, lane.stream)
+            run.base = 0
+        if not self.poisoned:
+            # The copies already enqueued read the arena: it stays in use until they are done.
+            res = driver.cuStreamSynchronize(lane.stream)
+            if res[0] and _is_sticky(_error(res[0])):
+                self.poisoned = True
+        self._finish(run, Completion(run.token, error=exc), free_lane=not self.poisoned)
+
+    def _finish(self, run: _Run, completion: Completion, *, free_lane: bool) -> None:
+        self._running.pop(run.token, None)
+        self._tokens.discard(run.token)
+        self._done.append(completion)
+        if free_lane:
+            for a in run.arenas:
+                a.users -= 1
+            for r in run.residents:
+                r.users -= 1
+            lane = run.lane
+            if lane is not None:
+                (self._free_high if lane.high else self._free_normal).append(lane)
+
+    @_guarded
+    def poll(self) -> list[Completion]:
+        if self._running:
+            now = time.perf_counter()
+            query = driver.cuEventQuery
+            in_flight = len(self._running)
+            for run in list(self._running.values()):
+                lane = run.lane
+                assert lane is not None
+                err = query(lane.events[3])[0]
+                if not err:
+                    self._finish(run, Completion(run.token, timings=self._timings(run)), free_lane=True)
+                elif err == _R_NOT_READY:
+                    if run.deadline > 0 and now - run.started > run.deadline:
+                        self._expire(run, now)
+                else:
+                    self._fault(run, err, in_flight)
+            if self.poisoned:
+                self._fail_waiting()
+        if self._waiting_high or self._waiting_normal:
+            self._pump()
+        done = self._done
+        self._done = []
+        return done
+
+    def _timings(self, run: _Run) -> Timings:
+        ev = run.lane.events  # type: ignore[union-attr]
+        elapsed = driver.cuEventElapsedTime
+        copy_in = _check(elapsed(ev[0], ev[1]), "cuEventElapsedTime") / 1e3
+        kernels = _check(elapsed(ev[1], ev[2]), "cuEventElapsedTime") / 1e3
+        copy_out = _check(elapsed(ev[2], ev[3]), "cuEventElapsedTime") / 1e3
+        return Timings(queued=run.started - run.submitted, copy_in=copy_in, kernels=kernels, copy_out=copy_out,
+                       total=copy_in + kernels + copy_out)
+
+    def _names(self, run: _Run) -> dict[str, Any]:
+        names = [k.kernel for k in run.graph.kernels]
+        return {"kernel": names[0]} if len(names) == 1 else {"kernels": names}
+
+    def _fault(self, run: _Run, err: Any, in_flight: int) -> None:
+        """A graph's last event reports an error: a kernel faulted (ours, or a neighbour's: see below)."""
+        exc = _error(err, f"graph of {len(run.graph.kernels)} kernel(s)")
+        if _is_sticky(exc):
+            self.poisoned = True
+            exc = errors.KernelFault(exc.message, detail=exc.detail)
+        exc.detail.update(self._names(run))
+        # A sticky fault surfaces on every graph in flight in this process, not only on the
+        # one that caused it: with others in flight, this graph may be innocent.
+        exc.detail["in_flight"] = in_flight
+        if in_flight > 1:
+            exc.detail["ambiguous"] = True
+        self._finish(run, Completion(run.token, error=exc), free_lane=not self.poisoned)
+
+    def _expire(self, run: _Run, now: float) -> None:
+        """Past its deadline: the kernel cannot be stopped here, so fail it and poison the backend."""
+        self.poisoned = True
+        err = errors.DeadlineExceeded(
+            f"graph did not finish within its deadline of {run.deadline:.3f} s of device time "
+            f"(running for {now - run.started:.3f} s); the device worker must be restarted",
+            detail={"deadline": run.deadline, **self._names(run)})
+        self._finish(run, Completion(run.token, error=err), free_lane=False)
+
+    def _fail_waiting(self) -> None:
+        """Graphs that never started cannot run in a poisoned process; they are safe to replay."""
+        for queue in (self._waiting_high, self._waiting_normal):
+            while queue:
+                run = queue.popleft()
+                self._tokens.discard(run.token)
+                self._done.append(Completion(run.token, error=errors.WorkerLost(
+                    f"graph not started: the device worker on {self.name} must be restarted",
+                    detail={"started": False})))
+
+    def _usable(self) -> None:
+        if self._closed:
+            raise errors.InternalError(f"the CUDA backend of device {self.index} is closed")
+        if self.poisoned:
+            raise errors.DeviceError(
+                f"device worker for {self.name} hit a fatal CUDA error and must be restarted",
+                detail={"poisoned": True})
+
+    def close(self) -> None:
+        """Release every resource; idempotent.  A poisoned context is left to the process's exit."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.poisoned and self._context is not None:
+            driver.cuCtxSynchronize()  # nothing may still copy into arenas about to be unmapped
+            for a in self._arenas.values():
+                try:
+                    self._release_arena(a, unregister=True)
+                except errors.KaasError:
+                    pass
+            for r in self._residents.values():
+                driver.cuMemFree(r.ptr)
+            for lib in self._libraries.values():
+                driver.cuModuleUnload(lib.module)
+            for lane in self._lanes:
+                for e in lane.events:
+                    driver.cuEventDestroy(e)
+                driver.cuStreamDestroy(lane.stream)
+        self._arenas.clear()
+        self._residents.clear()
+        self._libraries.clear()
+        self._lanes.clear()
+        self._free_high.clear()
+        self._free_normal.clear()
+        self._running.clear()
+        self._waiting_high.clear()
+        self._waiting_normal.clear()
+        if self._context is not None:
+            if not self.poisoned:
+                driver.cuDevicePrimaryCtxRelease(self._device)
+            self._context = None
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _prefault(mm: mmap.mmap, size: int) -> None:
+    """Fault in every page of ``mm`` without changing its contents."""
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+        return
+    except (OSError, ValueError):  # kernel older than 5.14
+        pass
+    import numpy as np
+
+    view = np.frombuffer(mm, dtype=np.uint8, count=size)
+    try:
+        int(view[::_PAGE].sum())  # a read fault allocates a shared-memory page
+    finally:
+        del view
+
+
+# -- the in-process baseline -------------------------------------------------------------------
+_NULL_SOURCE = b'extern "C" __global__ void kaas_direct_null(void) {}\n'
+
+
+def direct_null_latency(iterations: int, index: int = 0) -> list[float]:
+    """Seconds per launch + cuStreamSynchronize of an empty kernel, in this process.
+
+    The floor the broker's round trip is compared with: no socket, no scheduler, no copies.
+    """
+    backend = CudaBackend(index, lanes=1, high_lanes=0)
+    try:
+        backend.load_library("direct-null", "cuda", _NULL_SOURCE, (KernelSpec("kaas_direct_null", ()),), ())
+        function = backend._libraries["direct-null"].functions["kaas_direct_null"]
+        stream = backend._lanes[0].stream
+        launch = driver.cuLaunchKernel
+        sync = driver.cuStreamSynchronize
+        clock = time.perf_counter
+        for _ in range(min(100, max(iterations, 10))):
+            _check(launch(function, 1, 1, 1, 1, 1, 1, 0, stream, 0, 0), "cuLaunchKernel")
+            _check(sync(stream), "cuStreamSynchronize")
+        times: list[float] = []
+        for _ in range(iterations):
+            t0 = clock()
+            err = launch(function, 1, 1, 1, 1, 1, 1, 0, stream, 0, 0)[0]
+            err = err or sync(stream)[0]
+            times.append(clock() - t0)
+            if err:
+                raise _error(err, "null kernel launch")
+        return times
+    finally:
+        backend.close()
+
+
+def _selfcheck(argv: list[str] | None = None) -> int:
+    """``python -m broker.streams.cuda_backend``: device info, launch latency and copy bandwidth, as JSON."""
+    import argparse
+    import json
+
+    import numpy as np
+
+    from .wire import ExecBuffer, ExecKernel
+
+    p = argparse.ArgumentParser(prog="python -m broker.streams.cuda_backend")
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=10000)
+    p.add_argument("--mib", type=int, default=256, help="size of the pinned-arena copy test")
+    args = p.parse_args(argv)
+
+    def us(xs: list[float]) -> dict[str, float]:
+        a = np.asarray(xs) * 1e6
+        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": len(xs)}
+
+    out: dict[str, Any] = {"direct_null_us": us(direct_null_latency(args.iterations, args.device))}
+    backend = CudaBackend(args.device)
+    size = args.mib * 2**20
+    fd = os.memfd_create("kaas-selfcheck")
+    try:
+        out["device"] = backend.info()
+        os.ftruncate(fd, size)
+        t0 = time.perf_counter()
+        backend.pin_arena(1, os.dup(fd), size)
+        out["pin_ms"] = (time.perf_counter() - t0) * 1e3
+
+        def run(graph: ExecGraph) -> Timings:
+            backend.submit(1, graph, 0.0, 0)
+            while True:
+                for c in backend.poll():
+                    if c.error is not None:
+                        raise c.error
+                    assert c.timings is not None
+                    return c.timings
+
+        up = ExecGraph((ExecBuffer("in", "uint8", (size,), size, 1, 0),), ())
+        down = ExecGraph((ExecBuffer("out", "uint8", (size,), size, 1, 0),), ())
+        run(up)
+        out["htod_GBps"] = size / min(run(up).copy_in for _ in range(5)) / 1e9
+        out["dtoh_GBps"] = size / min(run(down).copy_out for _ in range(5)) / 1e9
+
+        backend.load_library("selfcheck-null", "cuda", _NULL_SOURCE, (KernelSpec("kaas_direct_null", ()),), ())
+        tiny = ExecGraph((ExecBuffer("in", "float32", (256,), 1024, 1, 0),
+                          ExecBuffer("out", "float32", (256,), 1024, 1, 4096)),
+                         (ExecKernel("selfcheck-null", "kaas_direct_null", (1, 1, 1), (1, 1, 1), 0, ()),))
+        lat: list[float] = []
+        for i in range(min(args.iterations, 5000) + 100):
+            t0 = time.perf_counter()
+            run(tiny)
+            if i >= 100:
+                lat.append(time.perf_counter() - t0)
+        out["backend_graph_us"] = {**us(lat), "what": "submit+poll: 1 KiB in, 1 KiB out, one null kernel"}
+    finally:
+        os.close(fd)
+        backend.close()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_selfcheck())

@@ -1,0 +1,125 @@
+"""Messages between the broker and a device worker. Pure (msgspec), no CUDA.
+
+The broker resolves a validated tenant graph into an ``ExecGraph``: global arena and
+resident ids, concrete sizes, kernels in execution order.  A worker never sees tenant
+ids, so it cannot confuse one tenant's handles with another's.
+
+Every command carries ``seq`` and is answered by exactly one ``WReply`` with that seq.
+File descriptors (arena segments, resident host copies) ride on the frame of the
+command that consumes them (SCM_RIGHTS), one fd per ``WPinArena`` / ``WPutResident``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from ..protocol import Arg, KernelSpec, Timings
+
+
+class ExecBuffer(msgspec.Struct, array_like=True, frozen=True):
+    """One buffer of an ExecGraph. ``arena``/``resident`` are broker-global ids (0: none)."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    arena: int = 0
+    offset: int = 0
+    resident: int = 0
+
+
+class ExecKernel(msgspec.Struct, array_like=True, frozen=True):
+    library: str
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared: int
+    args: tuple[Arg, ...]
+
+
+class ExecGraph(msgspec.Struct, array_like=True, frozen=True):
+    """A validated graph: kernels in a dependency-respecting execution order."""
+
+    buffers: tuple[ExecBuffer, ...]
+    kernels: tuple[ExecKernel, ...]
+
+
+class _W(msgspec.Struct, array_like=True, tag=True, frozen=True):
+    pass
+
+
+class WLoadLibrary(_W, tag="load"):
+    seq: int
+    library: str
+    format: str
+    data: bytes
+    kernels: tuple[KernelSpec, ...]
+    options: tuple[str, ...] = ()
+
+
+class WPinArena(_W, tag="pin"):
+    seq: int
+    arena: int
+    size: int
+
+
+class WUnpinArena(_W, tag="unpin"):
+    seq: int
+    arena: int
+
+
+class WPutResident(_W, tag="put"):
+    seq: int
+    resident: int
+    size: int
+
+
+class WEvictResident(_W, tag="evict"):
+    seq: int
+    resident: int
+
+
+class WRunGraph(_W, tag="run"):
+    seq: int
+    graph: ExecGraph
+    deadline: float = 0.0  # seconds of device time allowed; 0: none
+    priority: int = 0
+
+
+class WInfo(_W, tag="info"):
+    seq: int
+
+
+class WShutdown(_W, tag="shutdown"):
+    seq: int
+
+
+WorkerCommand = Union[
+    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WRunGraph, WInfo,
+    WShutdown,
+]
+
+
+class WReply(_W, tag="reply"):
+    """The one answer to command ``seq``: success when ``code`` is empty."""
+
+    seq: int
+    code: str = ""
+    message: str = ""
+    detail: dict[str, Any] = {}
+    timings: Timings | None = None
+    info: dict[str, Any] = {}
+
+
+class WReady(_W, tag="ready"):
+    """The first frame a worker sends once its device is open."""
+
+    info: dict[str, Any]
+
+
+WorkerEvent = Union[WReply, WReady]
+
+command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
+event_decoder = msgspec.msgpack.Decoder(WorkerEvent)

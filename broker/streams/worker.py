@@ -1,0 +1,171 @@
+"""The device worker process: one per device, driven by the broker over a socketpair.
+
+    python -m broker.streams.worker --fd N --device cpu:0 [--host-modules a,b]
+
+It owns its device (for CUDA, the context) and nothing else: no tenant state, no
+policy.  Commands are handled in arrival order, so the broker may send ``put`` and then
+``run`` without waiting in between.  The worker exits when the broker goes away
+(EOF, or the parent-death signal) and after a sticky device fault, which leaves the
+context unusable: the broker then respawns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from .. import errors
+from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
+from .backend import Backend, Completion
+from .wire import (
+    WEvictResident, WInfo, WLoadLibrary, WorkerCommand, WPinArena, WPutResident, WReady, WReply,
+    WRunGraph, WShutdown, WUnpinArena, command_decoder,
+)
+
+EXIT_POISONED = 3
+_MAX_FDS = 16
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def make_backend(device: str, host_modules: tuple[str, ...], compile_check: str) -> Backend:
+    kind, _, idx = device.partition(":")
+    index = int(idx or 0)
+    if kind == "cpu":
+        from .cpu_backend import CpuBackend
+
+        return CpuBackend(index, host_modules=host_modules, compile_check=compile_check)
+    if kind == "cuda":
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend(index)
+    raise SystemExit(f"unknown device {device!r}")
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, backend: Backend) -> None:
+        self.sock = sock
+        self.backend = backend
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        self.fds: list[int] = []
+        self.inflight: dict[int, int] = {}  # backend token -> seq (tokens are seqs)
+        self.running = True
+
+    def send(self, msg: Any) -> None:
+        self.sock.sendall(encode(msg))
+
+    def _recv(self) -> bool:
+        fds = array.array("i")
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+        except InterruptedError:
+            return True
+        for level, typ, cdata in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+        self.fds.extend(fds)
+        if not data:
+            return False
+        for body in self.decoder.feed(data):
+            self.handle(command_decoder.decode(body))
+        return True
+
+    def _take_fd(self) -> int:
+        if not self.fds:
+            raise errors.InternalError("command expected a file descriptor and none arrived")
+        return self.fds.pop(0)
+
+    def handle(self, cmd: WorkerCommand) -> None:
+        try:
+            if isinstance(cmd, WRunGraph):
+                self.backend.submit(cmd.seq, cmd.graph, cmd.deadline, cmd.priority)
+                self.inflight[cmd.seq] = cmd.seq
+                return
+            info: dict[str, Any] = {}
+            if isinstance(cmd, WLoadLibrary):
+                info["log"] = self.backend.load_library(cmd.library, cmd.format, cmd.data, cmd.kernels, cmd.options)
+            elif isinstance(cmd, WPinArena):
+                self.backend.pin_arena(cmd.arena, self._take_fd(), cmd.size)
+            elif isinstance(cmd, WUnpinArena):
+                self.backend.unpin_arena(cmd.arena)
+            elif isinstance(cmd, WPutResident):
+                self.backend.put_resident(cmd.resident, self._take_fd(), cmd.size)
+            elif isinstance(cmd, WEvictResident):
+                self.backend.evict_resident(cmd.resident)
+            elif isinstance(cmd, WInfo):
+                info = self.backend.info()
+            elif isinstance(cmd, WShutdown):
+                self.running = False
+            self.send(WReply(cmd.seq, info=info))
+        except errors.KaasError as exc:
+            self.send(WReply(cmd.seq, exc.code, exc.message, exc.detail))
+        except Exception as exc:  # a bug here must still answer the command
+            self.send(WReply(cmd.seq, errors.InternalError.code, f"worker: {type(exc).__name__}: {exc}"))
+
+    def _complete(self, done: list[Completion]) -> None:
+        for c in done:
+            seq = self.inflight.pop(c.token, c.token)
+            if c.error is not None:
+                self.send(WReply(seq, c.error.code, c.error.message, c.error.detail))
+            else:
+                self.send(WReply(seq, timings=c.timings))
+
+    def run(self) -> int:
+        self.send(WReady(self.backend.info()))
+        idle_since = time.perf_counter()
+        while self.running:
+            if self.backend.busy:
+                # Adaptive back-off: spin while work just finished, then sleep a little.
+                waited = time.perf_counter() - idle_since
+                timeout: float | None = 0.0 if waited < 0.0002 else min(0.001, waited / 4)
+            else:
+                timeout = None
+            r, _, _ = select.select([self.sock], [], [], timeout)
+            if r and not self._recv():
+                break
+            done = self.backend.poll()
+            if done:
+                self._complete(done)
+                idle_since = time.perf_counter()
+            if getattr(self.backend, "poisoned", False):
+                return EXIT_POISONED
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kaas-worker", description="kaas device worker (started by the broker)")
+    p.add_argument("--fd", type=int, required=True, help="inherited socket to the broker")
+    p.add_argument("--device", required=True, help="cpu:N or cuda:N")
+    p.add_argument("--host-modules", default="tenantlib.kernels")
+    p.add_argument("--compile-check", default="sm_90", help="arch the CPU device checks CUDA C against ('' off)")
+    args = p.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when we stop
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    backend = make_backend(args.device, tuple(m for m in args.host_modules.split(",") if m), args.compile_check)
+    try:
+        return Worker(sock, backend).run()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Tenant identities: a peer's uid/gid (from SO_PEERCRED) mapped to a tenant by config."""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from dataclasses import dataclass
+
+from . import errors
+from .config import Config, TenantRule
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The credentials of a connected process, as the kernel reports them."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    weight: float = 1.0
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+def _groups(peer: Peer) -> set[str]:
+    names: set[str] = set()
+    try:
+        names.add(grp.getgrgid(peer.gid).gr_name)
+    except KeyError:
+        pass
+    user = _user(peer.uid)
+    if user:
+        names.update(g.gr_name for g in grp.getgrall() if user in g.gr_mem)
+    return names
+
+
+def _matches(rule: TenantRule, peer: Peer, user: str, groups: set[str]) -> bool:
+    checks = []
+    if rule.uid >= 0:
+        checks.append(rule.uid == peer.uid)
+    if rule.gid >= 0:
+        checks.append(rule.gid == peer.gid)
+    if rule.user:
+        checks.append(rule.user == user)
+    if rule.group:
+        checks.append(rule.group in groups)
+    return bool(checks) and all(checks)
+
+
+class TenantDirectory:
+    """Resolves peers to tenants. Unlisted peers get ``uid:N`` (or their user name) with defaults."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def resolve(self, peer: Peer) -> Tenant:
+        user = _user(peer.uid)
+        groups = _groups(peer) if any(r.group for r in self.config.tenants) else set()
+        for rule in self.config.tenants:
+            if _matches(rule, peer, user, groups):
+                return Tenant(rule.name, rule.weight)
+        if self.config.unknown_tenants == "refuse":
+            raise errors.PermissionDenied(f"uid {peer.uid} is not a tenant of this broker",
+                                       detail={"uid": peer.uid})
+        return Tenant(f"uid:{peer.uid}" if not user else f"user:{user}")

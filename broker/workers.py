@@ -1,0 +1,207 @@
+"""The broker's handle on one device worker process: spawn, command channel, death.
+
+Commands go over a socketpair as frames (``broker.protocol`` framing, ``wire`` messages);
+file descriptors ride on the command that consumes them.  Every command gets one
+``WReply``; when the worker dies, every pending command fails with ``WorkerLost``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from . import errors
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
+from .streams.wire import WorkerCommand, WReady, WReply, WShutdown, event_decoder
+
+log = structlog.get_logger("kaas.workers")
+
+
+class WorkerHandle:
+    """One device worker. ``call()`` sends a command and awaits its reply."""
+
+    def __init__(self, device: str, *, host_modules: tuple[str, ...], compile_check: str,
+                 on_exit: Callable[[WorkerHandle, int | None], None] | None = None) -> None:
+        self.device = device
+        self.host_modules = host_modules
+        self.compile_check = compile_check
+        self.on_exit = on_exit
+        self.info: dict[str, Any] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        self._pending: dict[int, asyncio.Future[WReply]] = {}
+        self._seq = 0
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._out = bytearray()
+        self._out_fds: list[tuple[int, list[int]]] = []  # (offset in _out where fds ride, fds)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.alive = False
+
+    async def start(self, timeout: float = 120.0) -> dict[str, Any]:
+        loop = self._loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = [sys.executable, "-m", "broker.streams.worker", "--fd", str(theirs.fileno()),
+                   "--device", self.device, "--host-modules", ",".join(self.host_modules),
+                   "--compile-check", self.compile_check]
+            self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        self.alive = True
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except (Exception, asyncio.CancelledError):
+            self.kill()
+            raise
+        log.info("worker_ready", device=self.device, pid=self.proc.pid, name=self.info.get("name"))
+        return self.info
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def send(self, cmd: WorkerCommand, fd: int | None = None) -> asyncio.Future[WReply]:
+        """Queue ``cmd`` (and ``fd``, which is duplicated) and return the future of its reply."""
+        assert self._loop is not None
+        fut: asyncio.Future[WReply] = self._loop.create_future()
+        if not self.alive or self._sock is None:
+            fut.set_exception(errors.WorkerLost(f"worker {self.device} is not running"))
+            return fut
+        self._pending[cmd.seq] = fut
+        frame = encode(cmd)
+        if fd is not None:
+            self._out_fds.append((len(self._out), [os.dup(fd)]))
+        self._out += frame
+        self._flush()
+        return fut
+
+    async def call(self, cmd: WorkerCommand, fd: int | None = None) -> WReply:
+        reply = await self.send(cmd, fd)
+        if reply.code:
+            raise errors.from_wire(reply.code, reply.message, reply.detail)
+        return reply
+
+    def _flush(self) -> None:
+        sock = self._sock
+        assert sock is not None and self._loop is not None
+        while self._out:
+            try:
+                if self._out_fds and self._out_fds[0][0] == 0:
+                    _, fds = self._out_fds[0]
+                    limit = self._out_fds[1][0] if len(self._out_fds) > 1 else len(self._out)
+                    n = sock.sendmsg([memoryview(self._out)[:limit]],
+                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+                    self._out_fds.pop(0)
+                    for f in fds:
+                        os.close(f)
+                else:
+                    limit = self._out_fds[0][0] if self._out_fds else len(self._out)
+                    n = sock.send(memoryview(self._out)[:limit])
+            except BlockingIOError:
+                self._loop.add_writer(sock.fileno(), self._on_writable)
+                return
+            except OSError as exc:
+                self._lost(f"send failed: {exc}")
+                return
+            del self._out[:n]
+            self._out_fds = [(off - n, fds) for off, fds in self._out_fds]
+        self._loop.remove_writer(sock.fileno())
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"receive failed: {exc}")
+            return
+        if not data:
+            self._lost("worker closed its channel")
+            return
+        for body in self._decoder.feed(data):
+            ev = event_decoder.decode(body)
+            if isinstance(ev, WReply):
+                fut = self._pending.pop(ev.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ev)
+            elif isinstance(ev, WReady) and self._ready is not None and not self._ready.done():
+                self._ready.set_result(ev.info)
+
+    def _lost(self, why: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        self._close_sock()
+        err = errors.WorkerLost(f"device worker {self.device} exited ({why}, exit code {code})",
+                                detail={"device": self.device, "exit_code": code})
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+        log.warning("worker_lost", device=self.device, why=why, exit_code=code)
+        if self.on_exit is not None:
+            self.on_exit(self, code)
+
+    def _close_sock(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for _, fds in self._out_fds:
+            for f in fds:
+                os.close(f)
+        self._out_fds.clear()
+        self._out.clear()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Graceful: ask the worker to exit, then kill it if it does not."""
+        if self.alive:
+            try:
+                await asyncio.wait_for(self.call(WShutdown(self.next_seq())), timeout)
+            except (errors.KaasError, asyncio.TimeoutError):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Immediate: kill the process and fail what is pending."""
+        on_exit, self.on_exit = self.on_exit, None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self._lost("stopped by the broker")
+        self.on_exit = on_exit
+        self._close_sock()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.wait()

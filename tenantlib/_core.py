@@ -1,0 +1,149 @@
+"""What the sync and asyncio clients share: handles, message building, reply checking. No I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from broker.protocol import (
+    PROTOCOL_VERSION, ArenaRegistered, BrokerMessage, Error, GraphDone, Hello, KernelSpec, LibraryRegistered,
+    PutResident, RegisterArena, RegisterLibrary, ReleaseArena, ResidentRegistered, RunGraph, Timings, Welcome,
+)
+
+from . import errors
+from .arena import Arena
+from .graph import Graph, Library, Resident
+
+DEFAULT_SOCKET = "/run/kaas/broker.sock"
+REPLY_GRACE = 5.0  # seconds a client waits past a graph's timeout for the broker's own verdict
+
+
+def default_path(path: str | None) -> str:
+    return path or os.environ.get("KAAS_SOCKET") or DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished graph: where it ran, the broker's stage timings, and the round trip seen here."""
+
+    device: str
+    timings: Timings
+    rtt: float
+
+
+def raise_if_error(msg: BrokerMessage) -> None:
+    if isinstance(msg, Error):
+        raise errors.from_wire(msg.code, msg.message, msg.detail)
+
+
+def detect_format(code: str | bytes, fmt: str | None) -> tuple[str, bytes]:
+    if isinstance(code, str):
+        return fmt or "cuda", code.encode()
+    if fmt:
+        return fmt, bytes(code)
+    if code[:4] == b"\x7fELF":
+        return "cubin", bytes(code)
+    if code[:4] == b"\x50\xed\x55\xba":
+        return "fatbin", bytes(code)
+    if b".version" in code[:4096] and b".target" in code[:4096]:
+        return "ptx", bytes(code)
+    return "cuda", bytes(code)
+
+
+def digest_of(arr: np.ndarray) -> bytes:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(arr)).cast("B"), digest_size=32).digest()
+
+
+class ClientCore:
+    """Session state: request ids, arenas, and turning calls into messages and replies into results."""
+
+    def __init__(self, welcome: Welcome) -> None:
+        self.session = welcome.session
+        self.tenant = welcome.tenant
+        self.devices = welcome.devices
+        self.max_frame = welcome.max_frame
+        self._req = 0
+        self._arenas: list[Arena] = []
+        self.closed = False
+
+    @staticmethod
+    def hello(client: str) -> Hello:
+        return Hello(PROTOCOL_VERSION, client)
+
+    def next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise errors.SessionClosed("client is closed")
+
+    # -- arenas ------------------------------------------------------------------------------
+    def register_arena_msg(self, size: int) -> RegisterArena:
+        return RegisterArena(self.next_req(), size)
+
+    def locate(self, arr: np.ndarray) -> tuple[int, int]:
+        for a in self._arenas:
+            off = a.locate(arr)
+            if off is not None:
+                if a.closed:
+                    raise errors.ArenaClosed(f"array lies in arena {a.id}, which is closed")
+                return a.id, off
+        raise errors.InvalidArgument("array does not lie in an arena of this client "
+                                     "(make it with client.array() or arena.array())")
+
+    def release_arena_msg(self, arena: Arena) -> ReleaseArena:
+        self._arenas.remove(arena)
+        return ReleaseArena(self.next_req(), arena.id)
+
+    # -- libraries and residents -------------------------------------------------------------
+    def library_msg(self, code: str | bytes, kernels: Sequence[KernelSpec], fmt: str | None, name: str,
+                    options: Sequence[str]) -> RegisterLibrary:
+        fmt, data = detect_format(code, fmt)
+        return RegisterLibrary(self.next_req(), fmt, data, tuple(kernels), name, tuple(options))
+
+    @staticmethod
+    def library_result(msg: RegisterLibrary, reply: BrokerMessage) -> Library:
+        raise_if_error(reply)
+        assert isinstance(reply, LibraryRegistered)
+        return Library(reply.library, msg.name, {k.name: k for k in msg.kernels}, reply.cached, reply.log)
+
+    def resident_msg(self, arr: np.ndarray) -> PutResident:
+        arena, off = self.locate(arr)
+        return PutResident(self.next_req(), arena, off, arr.nbytes, digest_of(arr))
+
+    @staticmethod
+    def resident_result(arr: np.ndarray, reply: BrokerMessage) -> Resident:
+        raise_if_error(reply)
+        assert isinstance(reply, ResidentRegistered)
+        return Resident(reply.resident, arr.nbytes, arr.dtype.name, tuple(arr.shape), reply.cached)
+
+    # -- graphs ------------------------------------------------------------------------------
+    def run_msg(self, graph: Graph, timeout: float | None) -> RunGraph:
+        if timeout is not None and timeout <= 0:
+            raise errors.InvalidArgument(f"timeout must be positive, got {timeout}")
+        return RunGraph(self.next_req(), graph.spec(self.locate), float(timeout or 0.0))
+
+    @staticmethod
+    def run_result(reply: BrokerMessage, rtt: float) -> RunResult:
+        raise_if_error(reply)
+        assert isinstance(reply, GraphDone)
+        return RunResult(reply.device, reply.timings, rtt)
+
+    @staticmethod
+    def arena_id(reply: BrokerMessage) -> int:
+        raise_if_error(reply)
+        assert isinstance(reply, ArenaRegistered)
+        return reply.arena
+
+    @staticmethod
+    def wait_limit(timeout: float | None, default: float | None) -> float | None:
+        return timeout + REPLY_GRACE if timeout else default
+
+    def info(self) -> dict[str, Any]:
+        return {"session": self.session, "tenant": self.tenant, "devices": list(self.devices)}

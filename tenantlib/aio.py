@@ -1,0 +1,256 @@
+"""The asyncio client: many requests in flight, one future per request id.
+
+    async with await tenantlib.connect_async() as client:
+        result = await client.run(graph)
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from broker.protocol import (
+    BrokerMessage, FrameDecoder, KernelSpec, Ping, ReleaseResident, Status, StatusReply, Welcome, decode_broker,
+    encode,
+)
+
+from . import errors
+from ._core import ClientCore, RunResult, default_path, raise_if_error
+from .arena import Arena, close_fd, create_segment
+from .graph import Graph, Library, Resident
+
+
+class AsyncClient(ClientCore):
+    def __init__(self, sock: socket.socket, welcome: Welcome, decoder: FrameDecoder,
+                 loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        super().__init__(welcome)
+        self._sock = sock
+        self._decoder = decoder
+        self._loop = loop
+        self._waiters: dict[int, asyncio.Future[BrokerMessage]] = {}
+        self._out = bytearray()
+        self._drained: asyncio.Event = asyncio.Event()
+        self._drained.set()
+        self.timeout = timeout
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    # -- transport ---------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(ConnectionResetError("broker closed the connection"))
+            return
+        for body in self._decoder.feed(data):
+            msg = decode_broker(body)
+            req = getattr(msg, "req", 0)
+            fut = self._waiters.pop(req, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            elif req == 0 and isinstance(msg, BrokerMessage.__args__):  # type: ignore[attr-defined]
+                self._lost(RuntimeError(getattr(msg, "message", "broker error")))
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._teardown()
+        err = errors.SessionClosed(f"connection to the broker was lost: {exc}")
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiters.clear()
+
+    def _teardown(self) -> None:
+        try:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        except (ValueError, OSError):
+            pass
+        self._sock.close()
+        self._drained.set()
+
+    def _on_writable(self) -> None:
+        try:
+            n = self._sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._out[:n]
+        if not self._out:
+            self._loop.remove_writer(self._sock.fileno())
+            self._drained.set()
+
+    async def _send(self, msg: Any, fd: int | None = None) -> asyncio.Future[BrokerMessage]:
+        self._check_open()
+        fut: asyncio.Future[BrokerMessage] = self._loop.create_future()
+        self._waiters[msg.req] = fut
+        frame = encode(msg)
+        if fd is not None:
+            await self._drained.wait()  # the fd must ride on this frame's first byte
+            while True:
+                try:
+                    n = self._sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      array.array("i", [fd]).tobytes())])
+                    break
+                except (BlockingIOError, InterruptedError):
+                    w: asyncio.Future[None] = self._loop.create_future()
+                    self._loop.add_writer(self._sock.fileno(), w.set_result, None)
+                    try:
+                        await w
+                    finally:
+                        self._loop.remove_writer(self._sock.fileno())
+            frame = frame[n:]
+        if frame:
+            if not self._out:
+                try:
+                    n = self._sock.send(frame)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as exc:
+                    self._lost(exc)
+                    return fut
+                frame = frame[n:]
+            if frame:
+                self._out += frame
+                if self._drained.is_set():
+                    self._drained.clear()
+                    self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        return fut
+
+    async def _request(self, msg: Any, fd: int | None = None, limit: float | None = None) -> BrokerMessage:
+        fut = await self._send(msg, fd)
+        limit = self.timeout if limit is None else limit
+        try:
+            return await asyncio.wait_for(fut, limit)
+        except asyncio.TimeoutError:
+            self._waiters.pop(msg.req, None)
+            raise errors.RequestTimeout(f"no reply to request {msg.req} within {limit:.3g} s") from None
+
+    # -- API (mirrors tenantlib.Client) ----------------------------------------------------------
+    async def arena(self, size: int) -> Arena:
+        self._check_open()
+        fd, mm = create_segment(size)
+        try:
+            reply = await self._request(self.register_arena_msg(size), fd)
+        except BaseException:
+            mm.close()
+            raise
+        finally:
+            close_fd(fd)
+        arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
+        self._arenas.append(arena)
+        return arena
+
+    async def array(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        dt = np.dtype(dtype)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = max(1, int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize)
+        return (await self.arena(nbytes)).array(shape_t, dt)
+
+    def _release_arena(self, arena: Arena) -> None:
+        if not self.closed:
+            msg = self.release_arena_msg(arena)
+            self._loop.create_task(self._send(msg))
+
+    async def release_arena(self, arena: Arena) -> None:
+        """Release ``arena`` and wait until the broker has unmapped it."""
+        arena.closed = True
+        raise_if_error(await self._request(self.release_arena_msg(arena)))
+
+    async def library(self, code: str | bytes, *, kernels: Sequence[KernelSpec], format: str | None = None,
+                      name: str = "", options: Sequence[str] = ()) -> Library:
+        msg = self.library_msg(code, kernels, format, name, options)
+        return self.library_result(msg, await self._request(msg))
+
+    async def resident(self, arr: np.ndarray) -> Resident:
+        msg = self.resident_msg(arr)
+        return self.resident_result(arr, await self._request(msg))
+
+    async def release_resident(self, res: Resident) -> None:
+        raise_if_error(await self._request(ReleaseResident(self.next_req(), res.digest)))
+
+    def graph(self) -> Graph:
+        return Graph()
+
+    async def run(self, graph: Graph, *, timeout: float | None = None) -> RunResult:
+        msg = self.run_msg(graph, timeout)
+        t0 = time.perf_counter()
+        reply = await self._request(msg, limit=self.wait_limit(timeout, self.timeout))
+        return self.run_result(reply, time.perf_counter() - t0)
+
+    async def ping(self) -> float:
+        t0 = time.perf_counter()
+        raise_if_error(await self._request(Ping(self.next_req())))
+        return time.perf_counter() - t0
+
+    async def status(self) -> dict[str, Any]:
+        reply = await self._request(Status(self.next_req()))
+        raise_if_error(reply)
+        assert isinstance(reply, StatusReply)
+        return reply.info
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for a in self._arenas:
+            a.closed = True
+        self._arenas.clear()
+        self._teardown()
+        err = errors.SessionClosed("client closed")
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiters.clear()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio",
+                        timeout: float | None = 60.0) -> AsyncClient:
+    """The asyncio twin of ``tenantlib.connect``."""
+    loop = asyncio.get_running_loop()
+    path = default_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        sock.close()
+        raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc}") from None
+    decoder = FrameDecoder()
+    try:
+        await loop.sock_sendall(sock, encode(ClientCore.hello(client)))
+        bodies: list[bytes] = []
+        while not bodies:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), timeout)
+            if not data:
+                raise errors.BrokerUnavailable(f"the broker at {path} closed the connection during the handshake")
+            bodies = decoder.feed(data)
+        msg = decode_broker(bodies[0])
+        raise_if_error(msg)
+        if not isinstance(msg, Welcome):
+            raise errors.ProtocolError(f"expected welcome, got {type(msg).__name__}")
+        decoder.max_frame = msg.max_frame
+    except BaseException:
+        sock.close()
+        raise
+    return AsyncClient(sock, msg, decoder, loop, timeout)

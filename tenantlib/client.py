@@ -1,0 +1,238 @@
+"""The synchronous client. ``tenantlib.connect()`` returns one.
+
+Requests may be pipelined: ``submit()`` sends and returns a handle, ``result()`` waits.
+A client is safe to share between threads (one lock guards the socket).
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from broker.protocol import (
+    BrokerMessage, FrameDecoder, KernelSpec, Ping, ReleaseResident, Status, StatusReply, Welcome, decode_broker,
+    encode,
+)
+
+from . import errors
+from ._core import ClientCore, RunResult, default_path, raise_if_error
+from .arena import Arena, close_fd, create_segment
+from .graph import Graph, Library, Resident
+
+
+class PendingRun:
+    """A submitted graph. ``result()`` waits for it (pumping the socket)."""
+
+    def __init__(self, client: Client, req: int, sent: float, limit: float | None) -> None:
+        self._client = client
+        self.req = req
+        self._sent = sent
+        self._limit = limit
+        self._result: RunResult | None = None
+
+    def result(self) -> RunResult:
+        if self._result is None:
+            reply = self._client._wait(self.req, self._limit)
+            self._result = ClientCore.run_result(reply, time.perf_counter() - self._sent)
+        return self._result
+
+
+class Client(ClientCore):
+    """A session with the broker. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, sock: socket.socket, welcome: Welcome, decoder: FrameDecoder, timeout: float | None) -> None:
+        super().__init__(welcome)
+        self._sock = sock
+        self._decoder = decoder
+        self._replies: dict[int, BrokerMessage] = {}
+        self._lock = threading.RLock()
+        self.timeout = timeout
+
+    # -- transport ---------------------------------------------------------------------------
+    def _send(self, msg: Any, fd: int | None = None) -> None:
+        self._check_open()
+        frame = encode(msg)
+        with self._lock:
+            try:
+                if fd is None:
+                    self._sock.sendall(frame)
+                else:
+                    n = self._sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      array.array("i", [fd]).tobytes())])
+                    if n < len(frame):
+                        self._sock.sendall(frame[n:])
+            except OSError as exc:
+                self._broken(exc)
+
+    def _broken(self, exc: BaseException) -> None:
+        self.closed = True
+        raise errors.SessionClosed(f"connection to the broker was lost: {exc}") from None
+
+    def _wait(self, req: int, limit: float | None) -> BrokerMessage:
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._lock:
+            while req not in self._replies:
+                self._check_open()
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
+                    self._sock.settimeout(left)
+                else:
+                    self._sock.settimeout(None)
+                try:
+                    data = self._sock.recv(1 << 20)
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    self._broken(exc)
+                if not data:
+                    self._broken(ConnectionResetError("broker closed the connection"))
+                for body in self._decoder.feed(data):
+                    msg = decode_broker(body)
+                    r = getattr(msg, "req", 0)
+                    if r == 0:
+                        raise_if_error(msg)  # a session-level error: the broker is closing us
+                    self._replies[r] = msg
+            return self._replies.pop(req)
+
+    def _request(self, msg: Any, fd: int | None = None) -> BrokerMessage:
+        with self._lock:
+            self._send(msg, fd)
+            return self._wait(msg.req, self.timeout)
+
+    # -- arenas ------------------------------------------------------------------------------
+    def arena(self, size: int) -> Arena:
+        """A new shared-memory arena of ``size`` bytes, registered with the broker."""
+        self._check_open()
+        fd, mm = create_segment(size)
+        try:
+            reply = self._request(self.register_arena_msg(size), fd)
+        except BaseException:
+            mm.close()
+            raise
+        finally:
+            close_fd(fd)
+        arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
+        self._arenas.append(arena)
+        return arena
+
+    def array(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        """A numpy array in a fresh arena of its own."""
+        dt = np.dtype(dtype)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = max(1, int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize)
+        return self.arena(nbytes).array(shape_t, dt)
+
+    def _release_arena(self, arena: Arena) -> None:
+        if not self.closed:
+            raise_if_error(self._request(self.release_arena_msg(arena)))
+
+    # -- libraries and residents -------------------------------------------------------------
+    def library(self, code: str | bytes, *, kernels: Sequence[KernelSpec], format: str | None = None,
+                name: str = "", options: Sequence[str] = ()) -> Library:
+        """Register CUDA C source (str), CUBIN, PTX or fatbin with its kernels' signatures."""
+        msg = self.library_msg(code, kernels, format, name, options)
+        return self.library_result(msg, self._request(msg))
+
+    def resident(self, arr: np.ndarray) -> Resident:
+        """Make ``arr``'s current contents a device-resident buffer (cached by content)."""
+        msg = self.resident_msg(arr)
+        return self.resident_result(arr, self._request(msg))
+
+    def release_resident(self, res: Resident) -> None:
+        raise_if_error(self._request(ReleaseResident(self.next_req(), res.digest)))
+
+    # -- graphs ------------------------------------------------------------------------------
+    def graph(self) -> Graph:
+        return Graph()
+
+    def submit(self, graph: Graph, *, timeout: float | None = None) -> PendingRun:
+        """Send ``graph`` without waiting; ``timeout`` bounds its run in the broker."""
+        msg = self.run_msg(graph, timeout)
+        t0 = time.perf_counter()
+        self._send(msg)
+        return PendingRun(self, msg.req, t0, self.wait_limit(timeout, self.timeout))
+
+    def run(self, graph: Graph, *, timeout: float | None = None) -> RunResult:
+        """Run ``graph`` and wait: outputs are in their arrays when this returns."""
+        return self.submit(graph, timeout=timeout).result()
+
+    # -- misc --------------------------------------------------------------------------------
+    def ping(self) -> float:
+        t0 = time.perf_counter()
+        raise_if_error(self._request(Ping(self.next_req())))
+        return time.perf_counter() - t0
+
+    def status(self) -> dict[str, Any]:
+        reply = self._request(Status(self.next_req()))
+        raise_if_error(reply)
+        assert isinstance(reply, StatusReply)
+        return reply.info
+
+    def close(self) -> None:
+        """End the session; the broker releases every arena. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for a in self._arenas:
+            a.closed = True
+        self._arenas.clear()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self.close()
+
+
+def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0) -> Client:
+    """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
+
+    ``timeout`` bounds each request's wait (None waits forever); graphs with their own
+    ``timeout=`` wait that long plus a grace period for the broker's verdict.
+    """
+    path = default_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc.strerror or exc}") from None
+    decoder = FrameDecoder()
+    try:
+        sock.sendall(encode(ClientCore.hello(client)))
+        bodies: list[bytes] = []
+        while not bodies:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise errors.BrokerUnavailable(f"the broker at {path} closed the connection during the handshake")
+            bodies = decoder.feed(data)
+        msg = decode_broker(bodies[0])
+        raise_if_error(msg)
+        if not isinstance(msg, Welcome):
+            raise errors.ProtocolError(f"expected welcome, got {type(msg).__name__}")
+        decoder.max_frame = msg.max_frame
+    except BaseException:
+        sock.close()
+        raise
+    c = Client(sock, msg, decoder, timeout)
+    for extra in bodies[1:]:
+        reply = decode_broker(extra)
+        c._replies[getattr(reply, "req", 0)] = reply
+    return c
