@@ -29,7 +29,13 @@ from .graph import Resolved
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
 from .scheduler import Job, Scheduler
 from .streams.wire import (
-    WEvictResident, WLoadLibrary, WPinArena, WPutResident, WReply, WRunGraph, WUnpinArena,
+    WEvictResident,
+    WLoadLibrary,
+    WPinArena,
+    WPutResident,
+    WReply,
+    WRunGraph,
+    WUnpinArena,
 )
 from .workers import WorkerHandle
 

@@ -125,24 +125,24 @@ class Timings(msgspec.Struct, array_like=True, frozen=True):
 
 
 # -- tenant -> broker -----------------------------------------------------------------
-class Hello(_Base, tag="hello"):
+class Hello(_Base, tag="hello", frozen=True):
     version: int
     client: str = ""
 
 
-class RegisterArena(_Base, tag="arena"):
+class RegisterArena(_Base, tag="arena", frozen=True):
     """Hand over the shared-memory segment sent with this frame (SCM_RIGHTS) of ``size`` bytes."""
 
     req: int
     size: int
 
 
-class ReleaseArena(_Base, tag="arena_release"):
+class ReleaseArena(_Base, tag="arena_release", frozen=True):
     req: int
     arena: int
 
 
-class RegisterLibrary(_Base, tag="library"):
+class RegisterLibrary(_Base, tag="library", frozen=True):
     req: int
     format: str
     data: bytes
@@ -151,7 +151,7 @@ class RegisterLibrary(_Base, tag="library"):
     options: tuple[str, ...] = ()
 
 
-class PutResident(_Base, tag="resident"):
+class PutResident(_Base, tag="resident", frozen=True):
     """Make ``nbytes`` at ``offset`` of ``arena`` a resident buffer; ``digest`` is its blake2b-256."""
 
     req: int
@@ -161,22 +161,22 @@ class PutResident(_Base, tag="resident"):
     digest: bytes
 
 
-class ReleaseResident(_Base, tag="resident_release"):
+class ReleaseResident(_Base, tag="resident_release", frozen=True):
     req: int
     resident: str
 
 
-class RunGraph(_Base, tag="run"):
+class RunGraph(_Base, tag="run", frozen=True):
     req: int
     graph: GraphSpec
     timeout: float = 0.0
 
 
-class Ping(_Base, tag="ping"):
+class Ping(_Base, tag="ping", frozen=True):
     req: int
 
 
-class Status(_Base, tag="status"):
+class Status(_Base, tag="status", frozen=True):
     req: int
 
 
@@ -187,7 +187,7 @@ TenantMessage = Union[
 
 
 # -- broker -> tenant -----------------------------------------------------------------
-class Welcome(_Base, tag="welcome"):
+class Welcome(_Base, tag="welcome", frozen=True):
     version: int
     session: int
     tenant: str
@@ -195,46 +195,46 @@ class Welcome(_Base, tag="welcome"):
     devices: tuple[str, ...]
 
 
-class ArenaRegistered(_Base, tag="arena_ok"):
+class ArenaRegistered(_Base, tag="arena_ok", frozen=True):
     req: int
     arena: int
 
 
-class LibraryRegistered(_Base, tag="library_ok"):
+class LibraryRegistered(_Base, tag="library_ok", frozen=True):
     req: int
     library: str
     cached: bool
     log: str = ""
 
 
-class ResidentRegistered(_Base, tag="resident_ok"):
+class ResidentRegistered(_Base, tag="resident_ok", frozen=True):
     req: int
     resident: str
     cached: bool
 
 
-class Done(_Base, tag="ok"):
+class Done(_Base, tag="ok", frozen=True):
     """The reply to a request that returns nothing but success."""
 
     req: int
 
 
-class GraphDone(_Base, tag="graph_ok"):
+class GraphDone(_Base, tag="graph_ok", frozen=True):
     req: int
     device: str
     timings: Timings
 
 
-class Pong(_Base, tag="pong"):
+class Pong(_Base, tag="pong", frozen=True):
     req: int
 
 
-class StatusReply(_Base, tag="status_ok"):
+class StatusReply(_Base, tag="status_ok", frozen=True):
     req: int
     info: dict[str, Any]
 
 
-class Error(_Base, tag="error"):
+class Error(_Base, tag="error", frozen=True):
     req: int
     code: str
     message: str
@@ -273,7 +273,7 @@ def _classify(body: bytes | memoryview, exc: Exception, known: frozenset[str] | 
     req = 0
     try:
         raw = _raw_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 in a string
         return errors.MalformedFrame(f"malformed frame: body is not msgpack ({exc})")
     if isinstance(raw, list) and raw:
         if len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
@@ -292,14 +292,14 @@ def decode_tenant(body: bytes | memoryview) -> TenantMessage:
     """Decode a tenant frame body; raises MalformedFrame / UnknownMessage (``detail['req']``)."""
     try:
         return _tenant_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise _classify(body, exc, TENANT_TAGS) from None
 
 
 def decode_broker(body: bytes | memoryview) -> BrokerMessage:
     try:
         return _broker_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise _classify(body, exc, None) from None
 
 
@@ -349,4 +349,4 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back (non-zero at EOF means a truncated frame)."""
-        return len(self._buf)
+        return len(self._buf) + (HEADER_SIZE if self._need >= 0 else 0)

@@ -20,9 +20,29 @@ from . import errors
 from .engine import ArenaRecord, Engine, GraphResult, TenantState
 from .graph import ArenaRef, Limits, ResidentRef, resolve
 from .protocol import (
-    PROTOCOL_VERSION, ArenaRegistered, Done, Error, GraphDone, Hello, LibraryRegistered, Ping, Pong,
-    PutResident, RegisterArena, RegisterLibrary, ReleaseArena, ReleaseResident, ResidentRegistered,
-    RunGraph, Status, StatusReply, TenantMessage, Welcome, decode_tenant, encode, error_frame,
+    PROTOCOL_VERSION,
+    ArenaRegistered,
+    Done,
+    Error,
+    GraphDone,
+    Hello,
+    LibraryRegistered,
+    Ping,
+    Pong,
+    PutResident,
+    RegisterArena,
+    RegisterLibrary,
+    ReleaseArena,
+    ReleaseResident,
+    ResidentRegistered,
+    RunGraph,
+    Status,
+    StatusReply,
+    TenantMessage,
+    Welcome,
+    decode_tenant,
+    encode,
+    error_frame,
 )
 from .tenants import Peer, Tenant, TenantDirectory
 

@@ -191,7 +191,7 @@ class WorkerHandle:
         if self.alive:
             try:
                 await asyncio.wait_for(self.call(WShutdown(self.next_seq())), timeout)
-            except (errors.KaasError, asyncio.TimeoutError):
+            except (TimeoutError, errors.KaasError):
                 pass
         self.kill()
 

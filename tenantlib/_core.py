@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 from collections.abc import Sequence
@@ -11,8 +12,22 @@ from typing import Any
 import numpy as np
 
 from broker.protocol import (
-    PROTOCOL_VERSION, ArenaRegistered, BrokerMessage, Error, GraphDone, Hello, KernelSpec, LibraryRegistered,
-    PutResident, RegisterArena, RegisterLibrary, ReleaseArena, ResidentRegistered, RunGraph, Timings, Welcome,
+    PROTOCOL_VERSION,
+    ArenaRegistered,
+    BrokerMessage,
+    Error,
+    GraphDone,
+    Hello,
+    KernelSpec,
+    LibraryRegistered,
+    PutResident,
+    RegisterArena,
+    RegisterLibrary,
+    ReleaseArena,
+    ResidentRegistered,
+    RunGraph,
+    Timings,
+    Welcome,
 )
 
 from . import errors
@@ -56,7 +71,7 @@ def detect_format(code: str | bytes, fmt: str | None) -> tuple[str, bytes]:
 
 
 def digest_of(arr: np.ndarray) -> bytes:
-    return hashlib.blake2b(memoryview(np.ascontiguousarray(arr)).cast("B"), digest_size=32).digest()
+    return hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).data, digest_size=32).digest()
 
 
 class ClientCore:
@@ -69,6 +84,8 @@ class ClientCore:
         self.max_frame = welcome.max_frame
         self._req = 0
         self._arenas: list[Arena] = []
+        # (base, size, id) of recently released arenas, so using one says "closed", not "unknown"
+        self._released: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
         self.closed = False
 
     @staticmethod
@@ -94,11 +111,16 @@ class ClientCore:
                 if a.closed:
                     raise errors.ArenaClosed(f"array lies in arena {a.id}, which is closed")
                 return a.id, off
+        addr = int(arr.__array_interface__["data"][0])
+        for base, size, aid in self._released:
+            if base <= addr < base + size:
+                raise errors.ArenaClosed(f"array lies in arena {aid}, which is closed")
         raise errors.InvalidArgument("array does not lie in an arena of this client "
                                      "(make it with client.array() or arena.array())")
 
     def release_arena_msg(self, arena: Arena) -> ReleaseArena:
         self._arenas.remove(arena)
+        self._released.append((arena.base, arena.size, arena.id))
         return ReleaseArena(self.next_req(), arena.id)
 
     # -- libraries and residents -------------------------------------------------------------

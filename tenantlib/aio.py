@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from broker.protocol import (
-    BrokerMessage, FrameDecoder, KernelSpec, Ping, ReleaseResident, Status, StatusReply, Welcome, decode_broker,
+    BrokerMessage,
+    FrameDecoder,
+    KernelSpec,
+    Ping,
+    ReleaseResident,
+    Status,
+    StatusReply,
+    Welcome,
+    decode_broker,
     encode,
 )
 
@@ -136,7 +144,7 @@ class AsyncClient(ClientCore):
         limit = self.timeout if limit is None else limit
         try:
             return await asyncio.wait_for(fut, limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._waiters.pop(msg.req, None)
             raise errors.RequestTimeout(f"no reply to request {msg.req} within {limit:.3g} s") from None
 
@@ -233,7 +241,7 @@ async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio
     sock.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         sock.close()
         raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc}") from None
     decoder = FrameDecoder()

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from broker.protocol import (
-    BrokerMessage, FrameDecoder, KernelSpec, Ping, ReleaseResident, Status, StatusReply, Welcome, decode_broker,
+    BrokerMessage,
+    FrameDecoder,
+    KernelSpec,
+    Ping,
+    ReleaseResident,
+    Status,
+    StatusReply,
+    Welcome,
+    decode_broker,
     encode,
 )
 

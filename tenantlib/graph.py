@@ -185,9 +185,9 @@ class Graph:
 
 
 def _dims(v: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(v, numbers.Integral):
-        return (int(v),)
-    return tuple(int(x) for x in v)
+    if isinstance(v, Sequence):
+        return tuple(int(x) for x in v)
+    return (int(v),)
 
 
 def _scalar(kernel: str, param: str, kind: str, value: Any) -> int | float:

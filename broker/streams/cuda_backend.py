@@ -38,7 +38,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from cuda.bindings import driver
 
 from .. import errors
-from ..protocol import KernelSpec, Lit, Timings
+from ..protocol import KernelSpec, Lit, Param, Timings
 from .backend import Backend, Completion
 from .compiler import CompileCache
 from .wire import ExecGraph
@@ -172,6 +172,7 @@ class _Library:
     module: Any
     functions: dict[str, Any]
     specs: dict[str, KernelSpec]
+    packers: dict[str, struct.Struct]  # one 8-byte slot per parameter, in order
 
 
 @dataclass(eq=False, slots=True)
@@ -341,7 +342,7 @@ class CudaBackend(Backend):
                         f"library {library[:12]} ({fmt}) cannot be loaded on {self.name} ({self.arch}): {exc}",
                         detail={"log": log or str(exc), "cuda_error": name, "arch": self.arch}) from None
                 raise
-            lib = _Library(module, {}, {})
+            lib = _Library(module, {}, {}, {})
         try:
             found: dict[str, Any] = {}
             for spec in kernels:
@@ -364,6 +365,7 @@ class CudaBackend(Backend):
             if spec.name in found:
                 lib.functions[spec.name] = found[spec.name]
                 lib.specs[spec.name] = spec
+                lib.packers[spec.name] = struct.Struct("<" + "".join(_SLOT[p.kind] for p in spec.params))
         self._libraries[library] = lib
         return str(log)
 
@@ -605,7 +607,7 @@ class CudaBackend(Backend):
                                                detail={"kernel": k.kernel, "index": n, "param": p.name})
                 values.append(0)
                 buffers.append((pos, arg.index))
-        packer = struct.Struct("<" + "".join(_SLOT[p.kind] for p in params))
+        packer = lib.packers[k.kernel]
         try:
             packer.pack(*values)
         except struct.error as exc:
@@ -683,6 +685,9 @@ class CudaBackend(Backend):
         if isinstance(exc, errors.DeviceError) and "cuda_error" in exc.detail and not isinstance(
                 exc, errors.KernelFault) and "index" in exc.detail:
             exc = errors.KernelFault(exc.message, detail=exc.detail)  # a launch the driver refused
+        if self.poisoned:  # an earlier graph's fault surfaced while this one was enqueued
+            for key, value in self._names(run).items():
+                exc.detail.setdefault(key, value)
         lane = run.lane
         assert lane is not None
         if run.base:
@@ -826,11 +831,11 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _prefault(mm: mmap.mmap, size: int) -> None:
-    """Fault in every page of ``mm`` without changing its contents."""
+def _prefault(mm: mmap.mmap, size: int) -> str:
+    """Fault in every page of ``mm`` without changing its contents; returns how."""
     try:
         mm.madvise(_MADV_POPULATE_WRITE)
-        return
+        return "madvise"
     except (OSError, ValueError):  # kernel older than 5.14
         pass
     import numpy as np
@@ -840,6 +845,7 @@ def _prefault(mm: mmap.mmap, size: int) -> None:
         int(view[::_PAGE].sum())  # a read fault allocates a shared-memory page
     finally:
         del view
+    return "touch"
 
 
 # -- the in-process baseline -------------------------------------------------------------------
@@ -903,7 +909,21 @@ def _selfcheck(argv: list[str] | None = None) -> int:
         os.ftruncate(fd, size)
         t0 = time.perf_counter()
         backend.pin_arena(1, os.dup(fd), size)
-        out["pin_ms"] = (time.perf_counter() - t0) * 1e3
+        pin: dict[str, Any] = {"untouched": (time.perf_counter() - t0) * 1e3}
+        # As a tenant hands it over: pages already written.
+        fd2 = os.memfd_create("kaas-selfcheck-touched")
+        os.ftruncate(fd2, size)
+        with mmap.mmap(fd2, size) as m:
+            np.frombuffer(m, np.uint8)[:] = 1
+            t0 = time.perf_counter()
+            backend.pin_arena(2, fd2, size)
+            pin["touched"] = (time.perf_counter() - t0) * 1e3
+        backend.unpin_arena(2)
+        with mmap.mmap(-1, size) as m:
+            t0 = time.perf_counter()
+            pin["prefault"] = _prefault(m, size)
+            pin["prefault_ms"] = (time.perf_counter() - t0) * 1e3
+        out["pin_ms"] = pin
 
         def run(graph: ExecGraph) -> Timings:
             backend.submit(1, graph, 0.0, 0)
@@ -925,17 +945,65 @@ def _selfcheck(argv: list[str] | None = None) -> int:
                           ExecBuffer("out", "float32", (256,), 1024, 1, 4096)),
                          (ExecKernel("selfcheck-null", "kaas_direct_null", (1, 1, 1), (1, 1, 1), 0, ()),))
         lat: list[float] = []
+        enqueue: list[float] = []
+        device: list[float] = []
         for i in range(min(args.iterations, 5000) + 100):
             t0 = time.perf_counter()
-            run(tiny)
+            backend.submit(1, tiny, 0.0, 0)
+            t1 = time.perf_counter()
+            done: list[Completion] = []
+            while not done:
+                done = backend.poll()
+            t2 = time.perf_counter()
             if i >= 100:
-                lat.append(time.perf_counter() - t0)
-        out["backend_graph_us"] = {**us(lat), "what": "submit+poll: 1 KiB in, 1 KiB out, one null kernel"}
+                lat.append(t2 - t0)
+                enqueue.append(t1 - t0)
+                assert done[0].timings is not None
+                device.append(done[0].timings.total)
+        out["backend_graph_us"] = {**us(lat), "submit": us(enqueue), "device_total": us(device),
+                                   "what": "submit+poll: 1 KiB in, 1 KiB out, one null kernel"}
+        out["launch_call_us"] = _launch_costs(backend, min(args.iterations, 20000))
     finally:
         os.close(fd)
         backend.close()
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _launch_costs(backend: CudaBackend, iterations: int) -> dict[str, float]:
+    """Median seconds of one cuLaunchKernel call (4 arguments) per way of passing the arguments."""
+    source = b'extern "C" __global__ void kaas_args(const float* a, const float* b, float* c, int n) {}\n'
+    params = tuple(Param(x, "buf") for x in "abc") + (Param("n", "i32"),)
+    backend.load_library("selfcheck-args", "cuda", source, (KernelSpec("kaas_args", params),), ())
+    function = backend._libraries["selfcheck-args"].functions["kaas_args"]
+    stream = backend._lanes[0].stream
+    ptrs = [backend._alloc(1024, "launch test") for _ in range(3)]
+    packer = struct.Struct("<QQQi4x")
+    argbuf, addr = backend._argbuf, backend._argptrs_addr
+    types = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+    launch = driver.cuLaunchKernel
+    clock = time.perf_counter
+    result: dict[str, float] = {}
+    for way in ("tuple", "packed", "tuple", "packed"):
+        times: list[float] = []
+        for i in range(iterations):
+            t0 = clock()
+            if way == "tuple":
+                err = launch(function, 1, 1, 1, 32, 1, 1, 0, stream, ((ptrs[0], ptrs[1], ptrs[2], i), types), 0)[0]
+            else:
+                packer.pack_into(argbuf, 0, ptrs[0], ptrs[1], ptrs[2], i)
+                err = launch(function, 1, 1, 1, 32, 1, 1, 0, stream, addr, 0)[0]
+            times.append(clock() - t0)
+            if err:
+                raise _error(err, f"launch ({way})")
+            if i % 256 == 255:
+                _check(driver.cuStreamSynchronize(stream))
+        _check(driver.cuStreamSynchronize(stream))
+        times.sort()
+        result[way] = times[len(times) // 2] * 1e6  # the second round of each way wins: warm
+    for p in ptrs:
+        driver.cuMemFree(p)
+    return result
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class _W(msgspec.Struct, array_like=True, tag=True, frozen=True):
     pass
 
 
-class WLoadLibrary(_W, tag="load"):
+class WLoadLibrary(_W, tag="load", frozen=True):
     seq: int
     library: str
     format: str
@@ -59,40 +59,40 @@ class WLoadLibrary(_W, tag="load"):
     options: tuple[str, ...] = ()
 
 
-class WPinArena(_W, tag="pin"):
+class WPinArena(_W, tag="pin", frozen=True):
     seq: int
     arena: int
     size: int
 
 
-class WUnpinArena(_W, tag="unpin"):
+class WUnpinArena(_W, tag="unpin", frozen=True):
     seq: int
     arena: int
 
 
-class WPutResident(_W, tag="put"):
+class WPutResident(_W, tag="put", frozen=True):
     seq: int
     resident: int
     size: int
 
 
-class WEvictResident(_W, tag="evict"):
+class WEvictResident(_W, tag="evict", frozen=True):
     seq: int
     resident: int
 
 
-class WRunGraph(_W, tag="run"):
+class WRunGraph(_W, tag="run", frozen=True):
     seq: int
     graph: ExecGraph
     deadline: float = 0.0  # seconds of device time allowed; 0: none
     priority: int = 0
 
 
-class WInfo(_W, tag="info"):
+class WInfo(_W, tag="info", frozen=True):
     seq: int
 
 
-class WShutdown(_W, tag="shutdown"):
+class WShutdown(_W, tag="shutdown", frozen=True):
     seq: int
 
 
@@ -102,7 +102,7 @@ WorkerCommand = Union[
 ]
 
 
-class WReply(_W, tag="reply"):
+class WReply(_W, tag="reply", frozen=True):
     """The one answer to command ``seq``: success when ``code`` is empty."""
 
     seq: int
@@ -113,7 +113,7 @@ class WReply(_W, tag="reply"):
     info: dict[str, Any] = {}
 
 
-class WReady(_W, tag="ready"):
+class WReady(_W, tag="ready", frozen=True):
     """The first frame a worker sends once its device is open."""
 
     info: dict[str, Any]

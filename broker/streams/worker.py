@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import array
 import ctypes
-import os
 import select
 import signal
 import socket
@@ -26,8 +25,18 @@ from .. import errors
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from .backend import Backend, Completion
 from .wire import (
-    WEvictResident, WInfo, WLoadLibrary, WorkerCommand, WPinArena, WPutResident, WReady, WReply,
-    WRunGraph, WShutdown, WUnpinArena, command_decoder,
+    WEvictResident,
+    WInfo,
+    WLoadLibrary,
+    WorkerCommand,
+    WPinArena,
+    WPutResident,
+    WReady,
+    WReply,
+    WRunGraph,
+    WShutdown,
+    WUnpinArena,
+    command_decoder,
 )
 
 EXIT_POISONED = 3

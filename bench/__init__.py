@@ -1,0 +1,1 @@
+"""kaas benchmarks against the baselines users would otherwise pick (see bench/RESULTS.md)."""

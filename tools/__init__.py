@@ -1,0 +1,1 @@
+"""kaas command-line tools: kaasctl, kaas-bench, the demo behind ``make run``."""
