@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import math
-
 import subprocess
 import sys
 import time
