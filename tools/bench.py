@@ -204,7 +204,9 @@ def cmd_bandwidth(args: argparse.Namespace) -> int:
             g.inout(buf)
             g.kernel(lib, "null", grid=1, block=1, args=[])
             client.run(g)  # warm-up
-            cin, cout, rtt = [], [], []
+            cin: list[float] = []
+            cout: list[float] = []
+            rtt: list[float] = []
             t_end = time.monotonic() + args.seconds
             while len(cin) < args.min_iterations or (time.monotonic() < t_end and len(cin) < 1000):
                 r = client.run(g, timeout=120)

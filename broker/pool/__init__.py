@@ -1,0 +1,1 @@
+"""The device pool: per-device memory accounting, residency and eviction policy (pure)."""
