@@ -138,3 +138,14 @@ def test_error_codes_are_unique_and_grouped() -> None:
     assert issubclass(errors.InvalidGraph, errors.TenantError)
     assert issubclass(errors.KernelFault, errors.DeviceError)
     assert issubclass(errors.TooManyRequests, errors.QuotaError)
+
+
+def test_compiling_leaves_interned_bytes_alone() -> None:
+    """NVRTC writes into its output buffers; they must never be CPython's interned 1-byte objects."""
+    from broker.streams import compiler
+
+    if not compiler.nvrtc_available():
+        pytest.skip("NVRTC is not installed")
+    compiler.compile_cuda(b'extern "C" __global__ void k() {}', "sm_80")  # an empty log: 1 byte
+    space = bytes([0x20])
+    assert space == b" " and b"a b"[1:2] == b" "

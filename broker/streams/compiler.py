@@ -81,10 +81,12 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
         (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
         _check(err, "nvrtcGetProgramLogSize")
-        log_buf = b" " * log_size
+        # NVRTC writes into the buffer: it must be a fresh mutable object. ``b" " * 1`` is CPython's
+        # interned one-byte b" ", and writing NUL into it corrupts every b" " in the process.
+        log_buf = bytearray(log_size)
         (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
         _check(err, "nvrtcGetProgramLog")
-        log = log_buf.rstrip(b"\x00 ").decode(errors="replace")
+        log = bytes(log_buf).rstrip(b"\x00 ").decode(errors="replace")
         if cerr != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, ename = nvrtc.nvrtcGetErrorString(cerr)
             raise CompileError(
@@ -93,10 +95,10 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
             )
         err, size = nvrtc.nvrtcGetCUBINSize(prog)
         _check(err, "nvrtcGetCUBINSize")
-        cubin = b" " * size
+        cubin = bytearray(size)
         (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
         _check(err, "nvrtcGetCUBIN")
-        return cubin, log
+        return bytes(cubin), log
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
