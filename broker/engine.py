@@ -96,6 +96,7 @@ class TenantState:
 class GraphResult:
     device: str
     timings: Timings
+    trace: tuple[float, ...] = ()
 
 
 @dataclass(eq=False, slots=True)
@@ -108,6 +109,7 @@ class _Pending:
     arenas: tuple[ArenaRecord, ...]
     residents: tuple[ResidentRecord, ...]
     dispatched: float = 0.0
+    trace: list[float] | None = None
 
 
 def library_digest(fmt: str, data: bytes, kernels: Iterable[KernelSpec], options: Iterable[str]) -> str:
@@ -352,7 +354,7 @@ class Engine:
 
     # -- graphs ----------------------------------------------------------------------------
     def submit(self, *, tenant: str, session: int, resolved: Resolved, timeout: float,
-               priority: int = 0) -> asyncio.Future[GraphResult]:
+               priority: int = 0, trace_from: float = 0.0) -> asyncio.Future[GraphResult]:
         """Queue a validated graph; the future resolves to its result or typed error."""
         loop = asyncio.get_running_loop()
         if not any(w.alive for w in self.workers.values()):
@@ -361,7 +363,8 @@ class Engine:
         residents = tuple(self.residents[r] for r in resolved.residents)
         now = time.monotonic()
         job = Job(next(self._ids), tenant, session, now, resolved.residents, priority)
-        p = _Pending(job, resolved, loop.create_future(), now, timeout, arenas, residents)
+        p = _Pending(job, resolved, loop.create_future(), now, timeout, arenas, residents,
+                     trace=[trace_from] if trace_from else None)
         for a in arenas:
             a.inflight += 1
             a.idle.clear()
@@ -397,7 +400,9 @@ class Engine:
                 w.send(WPutResident(w.next_seq(), r.gid, r.nbytes), r.fd).add_done_callback(
                     functools.partial(self._put_done, r, device))
                 self.stats["resident_puts"] += 1
-        fut = w.send(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority))
+        if p.trace is not None:
+            p.trace.append(time.perf_counter())
+        fut = w.send(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority, p.trace is not None))
         fut.add_done_callback(functools.partial(self._graph_done, job.id, device))
 
     def _put_done(self, rec: ResidentRecord, device: str, fut: asyncio.Future[WReply]) -> None:
@@ -423,9 +428,10 @@ class Engine:
                 if reply is not None and not reply.code:
                     t = reply.timings or Timings()
                     self.stats["graphs"] += 1
+                    trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
                     p.future.set_result(GraphResult(device, Timings(
                         queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
-                        copy_out=t.copy_out, total=now - p.submitted)))
+                        copy_out=t.copy_out, total=now - p.submitted), trace))
                 else:
                     self.stats["graph_errors"] += 1
                     if reply is not None:

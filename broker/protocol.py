@@ -42,6 +42,23 @@ DTYPES: tuple[str, ...] = (
 )
 
 
+# Where a traced request is stamped (CLOCK_MONOTONIC seconds, comparable across processes of
+# one host). The tenant adds the first and last; GraphDone.trace carries the ones between.
+TRACE_POINTS = ("tenant_send", "broker_recv", "broker_dispatch", "worker_recv", "worker_launched",
+                "worker_done", "broker_reply", "tenant_recv")
+
+
+HOPS = ("tenant -> broker", "broker decode/validate/schedule", "broker -> worker", "launch",
+        "device + completion detection", "worker -> broker", "broker -> tenant")
+
+
+def trace_hops(stamps: tuple[float, ...] | list[float]) -> dict[str, float]:
+    """Seconds spent in each hop of a traced request, from its TRACE_POINTS stamps."""
+    if len(stamps) != len(TRACE_POINTS):
+        return {}
+    return {h: b - a for h, a, b in zip(HOPS, stamps, stamps[1:], strict=False)}
+
+
 class _Base(msgspec.Struct, array_like=True, tag=True, frozen=True, omit_defaults=False):
     pass
 
@@ -167,9 +184,12 @@ class ReleaseResident(_Base, tag="resident_release", frozen=True):
 
 
 class RunGraph(_Base, tag="run", frozen=True):
+    """Run ``graph``; ``trace`` asks for the per-hop timestamps in the reply (TRACE_POINTS)."""
+
     req: int
     graph: GraphSpec
     timeout: float = 0.0
+    trace: bool = False
 
 
 class Ping(_Base, tag="ping", frozen=True):
@@ -223,6 +243,7 @@ class GraphDone(_Base, tag="graph_ok", frozen=True):
     req: int
     device: str
     timings: Timings
+    trace: tuple[float, ...] = ()  # time.perf_counter() stamps at TRACE_POINTS[1:-1], when asked
 
 
 class Pong(_Base, tag="pong", frozen=True):

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import struct
+import time
 
 import structlog
 
@@ -54,6 +55,7 @@ class Connection:
         except OSError:
             self.close()
             return
+        self.session.recv_stamp = time.perf_counter()
         for level, typ, cdata in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])

@@ -71,6 +71,7 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._futures: dict[int, asyncio.Future[GraphResult]] = {}
         self.closed = False
+        self.recv_stamp = 0.0  # when the bytes being handled were read (for traced requests)
         self.log = log.bind(session=self.id, pid=peer.pid, uid=peer.uid)
 
     # -- input -----------------------------------------------------------------------------
@@ -198,7 +199,8 @@ class Session:
                            libraries=self.engine.library_kernels(self.state), limits=self.limits)
         if msg.timeout < 0:
             raise errors.InvalidArgument(f"timeout must be >= 0, got {msg.timeout}")
-        fut = self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout)
+        fut = self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
+                                 trace_from=self.recv_stamp if msg.trace else 0.0)
         self._futures[req] = fut
         fut.add_done_callback(lambda f: self._graph_done(req, f))
 
@@ -213,7 +215,7 @@ class Session:
                                else errors.InternalError(f"broker error: {type(exc).__name__}"))
             return
         res = fut.result()
-        self._finish(req, GraphDone(req, res.device, res.timings))
+        self._finish(req, GraphDone(req, res.device, res.timings, res.trace))
 
     async def _register_arena(self, req: int, fd: int, size: int) -> None:
         assert self.tenant is not None

@@ -28,6 +28,7 @@ from broker.protocol import (
     RunGraph,
     Timings,
     Welcome,
+    trace_hops,
 )
 
 from . import errors
@@ -49,6 +50,12 @@ class RunResult:
     device: str
     timings: Timings
     rtt: float
+    trace: tuple[float, ...] = ()  # with run(trace=True): perf_counter stamps at protocol.TRACE_POINTS
+
+    @property
+    def hops(self) -> dict[str, float]:
+        """Seconds per hop of a traced run (empty otherwise)."""
+        return trace_hops(self.trace)
 
 
 def raise_if_error(msg: BrokerMessage) -> None:
@@ -146,16 +153,17 @@ class ClientCore:
         return Resident(reply.resident, arr.nbytes, arr.dtype.name, tuple(arr.shape), reply.cached)
 
     # -- graphs ------------------------------------------------------------------------------
-    def run_msg(self, graph: Graph, timeout: float | None) -> RunGraph:
+    def run_msg(self, graph: Graph, timeout: float | None, trace: bool = False) -> RunGraph:
         if timeout is not None and timeout <= 0:
             raise errors.InvalidArgument(f"timeout must be positive, got {timeout}")
-        return RunGraph(self.next_req(), graph.spec(self.locate), float(timeout or 0.0))
+        return RunGraph(self.next_req(), graph.spec(self.locate), float(timeout or 0.0), trace)
 
     @staticmethod
-    def run_result(reply: BrokerMessage, rtt: float) -> RunResult:
+    def run_result(reply: BrokerMessage, sent: float, received: float) -> RunResult:
         raise_if_error(reply)
         assert isinstance(reply, GraphDone)
-        return RunResult(reply.device, reply.timings, rtt)
+        trace = (sent, *reply.trace, received) if reply.trace else ()
+        return RunResult(reply.device, reply.timings, received - sent, trace)
 
     @staticmethod
     def arena_id(reply: BrokerMessage) -> int:

@@ -194,11 +194,11 @@ class AsyncClient(ClientCore):
     def graph(self) -> Graph:
         return Graph()
 
-    async def run(self, graph: Graph, *, timeout: float | None = None) -> RunResult:
-        msg = self.run_msg(graph, timeout)
+    async def run(self, graph: Graph, *, timeout: float | None = None, trace: bool = False) -> RunResult:
+        msg = self.run_msg(graph, timeout, trace)
         t0 = time.perf_counter()
         reply = await self._request(msg, limit=self.wait_limit(timeout, self.timeout))
-        return self.run_result(reply, time.perf_counter() - t0)
+        return self.run_result(reply, t0, time.perf_counter())
 
     async def ping(self) -> float:
         t0 = time.perf_counter()

@@ -47,7 +47,7 @@ class PendingRun:
     def result(self) -> RunResult:
         if self._result is None:
             reply = self._client._wait(self.req, self._limit)
-            self._result = ClientCore.run_result(reply, time.perf_counter() - self._sent)
+            self._result = ClientCore.run_result(reply, self._sent, time.perf_counter())
         return self._result
 
 
@@ -161,16 +161,19 @@ class Client(ClientCore):
     def graph(self) -> Graph:
         return Graph()
 
-    def submit(self, graph: Graph, *, timeout: float | None = None) -> PendingRun:
-        """Send ``graph`` without waiting; ``timeout`` bounds its run in the broker."""
-        msg = self.run_msg(graph, timeout)
+    def submit(self, graph: Graph, *, timeout: float | None = None, trace: bool = False) -> PendingRun:
+        """Send ``graph`` without waiting; ``timeout`` bounds its run in the broker.
+
+        ``trace=True`` asks every hop to stamp the request (``RunResult.hops``).
+        """
+        msg = self.run_msg(graph, timeout, trace)
         t0 = time.perf_counter()
         self._send(msg)
         return PendingRun(self, msg.req, t0, self.wait_limit(timeout, self.timeout))
 
-    def run(self, graph: Graph, *, timeout: float | None = None) -> RunResult:
+    def run(self, graph: Graph, *, timeout: float | None = None, trace: bool = False) -> RunResult:
         """Run ``graph`` and wait: outputs are in their arrays when this returns."""
-        return self.submit(graph, timeout=timeout).result()
+        return self.submit(graph, timeout=timeout, trace=trace).result()
 
     # -- misc --------------------------------------------------------------------------------
     def ping(self) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tenantlib
-from broker.protocol import KernelSpec, Param
+from broker.protocol import HOPS, KernelSpec, Param
 from broker.streams import compiler
 from tenantlib import errors, kernels
 from tests.conftest import ROOT, BrokerFactory
@@ -164,6 +164,18 @@ def test_closed_arena_is_refused(client: tenantlib.Client) -> None:
         client.run(g)
     with pytest.raises(errors.ArenaClosed):
         arena.array(4)
+
+
+def test_traced_run_accounts_for_every_hop(client: tenantlib.Client) -> None:
+    lib = kernels.library(client)
+    g = client.graph()
+    g.kernel(lib, "null", grid=1, block=1, args=[])
+    assert client.run(g).trace == ()
+    r = client.run(g, trace=True)
+    hops = r.hops
+    assert list(hops) == list(HOPS)
+    assert all(v >= 0 for v in hops.values())
+    assert sum(hops.values()) == pytest.approx(r.rtt, rel=1e-6, abs=1e-6)
 
 
 def test_timings_and_status(client: tenantlib.Client) -> None:

@@ -74,7 +74,7 @@ def text_histogram(samples_us: np.ndarray, width: int = 50) -> str:
 
 
 # -- latency --------------------------------------------------------------------------------
-def _latency_tenant(socket: str, iterations: int, warmup: int) -> list[float]:
+def _latency_tenant(socket: str, iterations: int, warmup: int, trace: bool = False) -> dict[str, Any]:
     import tenantlib
     from tenantlib import kernels
 
@@ -89,7 +89,12 @@ def _latency_tenant(socket: str, iterations: int, warmup: int) -> list[float]:
             t0 = time.perf_counter()
             client.run(g)
             out.append(time.perf_counter() - t0)
-        return out
+        hops: dict[str, list[float]] = {}
+        if trace:  # a second pass, so stamping costs nothing in the timed one
+            for _ in range(iterations):
+                for hop, sec in client.run(g, trace=True).hops.items():
+                    hops.setdefault(hop, []).append(sec)
+        return {"rtt": out, "hops": hops}
 
 
 def direct_baseline(iterations: int) -> list[float] | None:
@@ -107,13 +112,14 @@ def direct_baseline(iterations: int) -> list[float] | None:
 def cmd_latency(args: argparse.Namespace) -> int:
     with _broker(args) as sock:
         if args.worker:
-            print(json.dumps(_latency_tenant(sock, args.iterations, args.warmup)))
+            print(json.dumps(_latency_tenant(sock, args.iterations, args.warmup, args.trace)))
             return 0
         print(f"null graph: {args.tenants} tenant(s) x {args.iterations} iterations ...", file=sys.stderr, flush=True)
         procs = [subprocess.Popen([sys.executable, "-m", "tools.bench", "latency", "--socket", sock, "--worker",
-                                   "--iterations", str(args.iterations), "--warmup", str(args.warmup)],
+                                   "--iterations", str(args.iterations), "--warmup", str(args.warmup),
+                                   *(["--trace"] if args.trace else [])],
                                   stdout=subprocess.PIPE, text=True) for _ in range(args.tenants)]
-        per: list[list[float]] = []
+        per: list[dict[str, Any]] = []
         for p in procs:
             out, _ = p.communicate()
             if p.returncode != 0:
@@ -122,9 +128,12 @@ def cmd_latency(args: argparse.Namespace) -> int:
             per.append(json.loads(out.strip().splitlines()[-1]))
         with tenantlib_status(sock) as st:
             devices = [d.get("name", d.get("device")) for d in st.get("devices", [])]
-    samples = np.concatenate([np.asarray(s) for s in per])
+    samples = np.concatenate([np.asarray(s["rtt"]) for s in per])
     result: dict[str, Any] = {"bench": "latency", "device": devices, "tenants": args.tenants,
                               "iterations": args.iterations, "kaas": percentiles(samples)}
+    if args.trace:
+        result["hops_p50_us"] = {h: float(np.median([x for s in per for x in s["hops"].get(h, [])]) * 1e6)
+                                 for h in per[0]["hops"]}
     direct = direct_baseline(args.iterations) if any(str(d).startswith("cuda") or "H100" in str(d)
                                                      or "NVIDIA" in str(d) for d in devices) else None
     if direct:
@@ -141,6 +150,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
             d = result["direct"]
             print("direct  us  " + "".join(f"{d[f'p{p:g}_us']:>10.1f}" for p in PCTS))
             print(f"kaas / direct at p50: {result['ratio_p50']:.2f}x")
+        if args.trace:
+            print("\nper hop, p50 of a traced pass (us):")
+            for h, us in result["hops_p50_us"].items():
+                print(f"  {h:<32} {us:8.1f}")
+            print(f"  {'sum':<32} {sum(result['hops_p50_us'].values()):8.1f}")
         print()
         print(text_histogram(samples * 1e6))
     if args.plot:
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--iterations", type=int, default=2000)
     lat.add_argument("--warmup", type=int, default=100)
     lat.add_argument("--tenants", type=int, default=1, help="concurrent tenant processes")
+    lat.add_argument("--trace", action="store_true", help="also time each hop (tenant, broker, worker, device)")
     lat.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     lat.set_defaults(func=cmd_latency)
 

@@ -7,12 +7,13 @@ tuples never leave this module.
 
 How a graph runs (all of it enqueued by ``submit`` on one *stream lane*, never waited on):
 
-1. one stream-ordered allocation holds every ``in``/``inout``/``out``/``temp`` buffer of the
-   graph (``in``/``inout`` first, then the zeroed ones, so one memset scrubs them all);
+1. one block of device memory holds every ``in``/``inout``/``out``/``temp`` buffer of the
+   graph (``in``/``inout`` first, then the zeroed ones, so one memset scrubs them all): the
+   lane's own slab for a small graph, else a stream-ordered allocation from the pool;
 2. ``in``/``inout`` are copied host-to-device from the tenant's arena, which was page-locked
    once by ``pin_arena`` (never per request);
 3. the kernels are launched in order;
-4. ``out``/``inout`` are copied back into the arena and the allocation is freed.
+4. ``out``/``inout`` are copied back into the arena and a pool allocation is freed.
 
 Events after each stage give the timings; ``poll`` asks the last one (``cuEventQuery``), so
 completion costs no thread and no callback.  A kernel that faults leaves the context dead
@@ -312,7 +313,7 @@ class CudaBackend(Backend):
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "cuda", "index": self.index, "arch": self.arch,
                 "memory": self.memory, "driver_version": self.driver_version, "sm_count": self.sm_count,
-                "lanes": len(self._lanes)}
+                "lanes": len(self._lanes), "lane_slab": self.lane_slab}
 
     @property
     def busy(self) -> bool:
@@ -961,30 +962,78 @@ def _selfcheck(argv: list[str] | None = None) -> int:
         tiny = ExecGraph((ExecBuffer("in", "float32", (256,), 1024, 1, 0),
                           ExecBuffer("out", "float32", (256,), 1024, 1, 4096)),
                          (ExecKernel("selfcheck-null", "kaas_direct_null", (1, 1, 1), (1, 1, 1), 0, ()),))
-        lat: list[float] = []
-        enqueue: list[float] = []
-        device: list[float] = []
-        for i in range(min(args.iterations, 5000) + 100):
-            t0 = time.perf_counter()
-            backend.submit(1, tiny, 0.0, 0)
-            t1 = time.perf_counter()
-            done: list[Completion] = []
-            while not done:
-                done = backend.poll()
-            t2 = time.perf_counter()
-            if i >= 100:
-                lat.append(t2 - t0)
-                enqueue.append(t1 - t0)
-                assert done[0].timings is not None
-                device.append(done[0].timings.total)
-        out["backend_graph_us"] = {**us(lat), "submit": us(enqueue), "device_total": us(device),
-                                   "what": "submit+poll: 1 KiB in, 1 KiB out, one null kernel"}
+        slab = backend.lane_slab
+        for way in ("lane slab", "pool", "lane slab", "pool"):  # the second round of each is kept
+            backend.lane_slab = slab if way == "lane slab" else 0
+            out[f"backend_graph_us ({way})"] = _graph_latency(backend, tiny, min(args.iterations, 5000), us)
+        backend.lane_slab = slab
         out["launch_call_us"] = _launch_costs(backend, min(args.iterations, 20000))
+        out["enqueue_call_us"] = _call_costs(backend, backend._arenas[1].ptr, min(args.iterations, 5000))
     finally:
         os.close(fd)
         backend.close()
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _graph_latency(backend: CudaBackend, graph: ExecGraph, iterations: int,
+                   us: Callable[[list[float]], dict[str, float]]) -> dict[str, Any]:
+    """Round trip of one small graph through submit + poll, after 100 warm-up runs."""
+    lat: list[float] = []
+    enqueue: list[float] = []
+    device: list[float] = []
+    for i in range(iterations + 100):
+        t0 = time.perf_counter()
+        backend.submit(1, graph, 0.0, 0)
+        t1 = time.perf_counter()
+        done: list[Completion] = []
+        while not done:
+            done = backend.poll()
+        t2 = time.perf_counter()
+        timings = done[0].timings
+        if done[0].error is not None or timings is None:
+            raise done[0].error or errors.InternalError("no timings")
+        if i >= 100:
+            lat.append(t2 - t0)
+            enqueue.append(t1 - t0)
+            device.append(timings.total)
+    return {**us(lat), "submit": us(enqueue), "device_total": us(device),
+            "what": "submit+poll: 1 KiB in, 1 KiB out, one null kernel"}
+
+
+def _call_costs(backend: CudaBackend, host: int, iterations: int) -> dict[str, float]:
+    """Median microseconds of each driver call a small graph is enqueued with (1 KiB copies)."""
+    lane = backend._lanes[0]
+    s, ev = lane.stream, lane.events
+    dev = backend._alloc(1 << 20, "call costs")
+    d = driver
+    calls: dict[str, Callable[[], Any]] = {
+        "cuEventRecord": lambda: d.cuEventRecord(ev[0], s),
+        "cuMemcpyHtoDAsync": lambda: d.cuMemcpyHtoDAsync(dev, host, 1024, s),
+        "cuMemsetD8Async": lambda: d.cuMemsetD8Async(dev, 0, 1024, s),
+        "cuMemcpyDtoHAsync": lambda: d.cuMemcpyDtoHAsync(host, dev, 1024, s),
+        "cuMemAllocFromPoolAsync+cuMemFreeAsync": lambda: d.cuMemFreeAsync(
+            d.cuMemAllocFromPoolAsync(4096, backend._pool, s)[1], s),
+        "cuEventQuery": lambda: d.cuEventQuery(ev[0]),
+        "cuEventElapsedTime": lambda: d.cuEventElapsedTime(ev[0], ev[0]),
+    }
+    clock = time.perf_counter
+    result: dict[str, float] = {}
+    for name, call in calls.items():
+        times: list[float] = []
+        for i in range(iterations):
+            t0 = clock()
+            err = call()[0]
+            times.append(clock() - t0)
+            if err:
+                raise _error(err, name)
+            if i % 128 == 127:
+                _check(d.cuStreamSynchronize(s))
+        _check(d.cuStreamSynchronize(s))
+        times.sort()
+        result[name] = times[len(times) // 2] * 1e6
+    d.cuMemFree(dev)
+    return result
 
 
 def _launch_costs(backend: CudaBackend, iterations: int) -> dict[str, float]:

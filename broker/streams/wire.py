@@ -86,6 +86,7 @@ class WRunGraph(_W, tag="run", frozen=True):
     graph: ExecGraph
     deadline: float = 0.0  # seconds of device time allowed; 0: none
     priority: int = 0
+    trace: bool = False
 
 
 class WInfo(_W, tag="info", frozen=True):
@@ -111,6 +112,7 @@ class WReply(_W, tag="reply", frozen=True):
     detail: dict[str, Any] = {}
     timings: Timings | None = None
     info: dict[str, Any] = {}
+    trace: tuple[float, ...] = ()  # worker_recv, worker_launched, worker_done (traced runs)
 
 
 class WReady(_W, tag="ready", frozen=True):

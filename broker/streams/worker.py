@@ -72,7 +72,7 @@ class Worker:
         self.backend = backend
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.fds: list[int] = []
-        self.inflight: dict[int, int] = {}  # backend token -> seq (tokens are seqs)
+        self.traced: dict[int, list[float]] = {}  # seq -> stamps, for runs that asked for a trace
         self.running = True
 
     def send(self, msg: Any) -> None:
@@ -102,8 +102,10 @@ class Worker:
     def handle(self, cmd: WorkerCommand) -> None:
         try:
             if isinstance(cmd, WRunGraph):
+                t = time.perf_counter() if cmd.trace else 0.0
                 self.backend.submit(cmd.seq, cmd.graph, cmd.deadline, cmd.priority)
-                self.inflight[cmd.seq] = cmd.seq
+                if cmd.trace:
+                    self.traced[cmd.seq] = [t, time.perf_counter()]
                 return
             info: dict[str, Any] = {}
             if isinstance(cmd, WLoadLibrary):
@@ -127,12 +129,15 @@ class Worker:
             self.send(WReply(cmd.seq, errors.InternalError.code, f"worker: {type(exc).__name__}: {exc}"))
 
     def _complete(self, done: list[Completion]) -> None:
+        now = time.perf_counter()
         for c in done:
-            seq = self.inflight.pop(c.token, c.token)
+            stamps = self.traced.pop(c.token, None)
             if c.error is not None:
-                self.send(WReply(seq, c.error.code, c.error.message, c.error.detail))
+                self.send(WReply(c.token, c.error.code, c.error.message, c.error.detail))
+            elif stamps is not None:
+                self.send(WReply(c.token, timings=c.timings, trace=(*stamps, now)))
             else:
-                self.send(WReply(seq, timings=c.timings))
+                self.send(WReply(c.token, timings=c.timings))
 
     def run(self) -> int:
         self.send(WReady(self.backend.info()))

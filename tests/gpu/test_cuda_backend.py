@@ -184,11 +184,12 @@ def kernel(name: str, grid: int, block: int, *args: Any, shared: int = 0) -> Exe
     return ExecKernel(LIB, name, (grid, 1, 1), (block, 1, 1), shared, tuple(args))
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Any]:
+@pytest.fixture(scope="module", params=["lane-slab", "pool-only"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The backend as configured by default, and with every graph's memory from the pool."""
     from broker.streams.cuda_backend import CudaBackend
 
-    b = CudaBackend(0)
+    b = CudaBackend(0) if request.param == "lane-slab" else CudaBackend(0, lane_slab=0)
     b.load_library(LIB, "cuda", SOURCE, KERNELS, ())
     yield b
     b.close()
