@@ -17,6 +17,7 @@ from . import __version__
 from . import log as kaas_log
 from .config import Config, ConfigError, load
 from .engine import Engine
+from .graph import Limits
 from .server import Server
 
 logger = structlog.get_logger("kaas.broker")
@@ -66,7 +67,7 @@ def parse_devices(spec: str, count_cuda: object = cuda_device_count) -> list[str
 async def serve(config: Config, devices: list[str], *, ready: asyncio.Event | None = None) -> int:
     engine = Engine(config, devices)
     await engine.start()
-    server = Server(config, engine)
+    server = Server(config, engine, limits=Limits(max_graph_bytes=engine.max_graph_bytes()))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -53,10 +53,22 @@ class Config:
     log_format: str = "auto"              # auto | json | console
     log_level: str = "info"
     unknown_tenants: str = "admit"        # admit | refuse
+    # Busy-polling after activity trades a core for wake-up latency; -1: on only with CUDA devices.
+    spin_us: int = -1                     # the broker's event loop
+    worker_spin_us: int = -1              # each device worker
+    client_spin_us: int = -1              # recommended to tenants in the handshake
     tenants: tuple[TenantRule, ...] = field(default=())
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def spin(self, key: str, devices: list[str]) -> float:
+        """Seconds to busy-poll for ``key`` (spin_us, worker_spin_us, client_spin_us), auto resolved."""
+        us = getattr(self, key)
+        if us < 0:
+            gpu = any(d.startswith("cuda") for d in devices)
+            us = {"spin_us": 500, "worker_spin_us": 1000, "client_spin_us": 200}[key] if gpu else 0
+        return us / 1e6
 
 
 _SIMPLE = {f.name: f for f in dataclasses.fields(Config) if f.name != "tenants"}
@@ -82,7 +94,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"config: {key} = {value!r} has the wrong type (expected {type(default).__name__})")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}")
-    if isinstance(value, int) and not isinstance(value, bool) and key != "socket_mode" and value <= 0:
+    if key.endswith("spin_us"):
+        if isinstance(value, int) and value < -1:
+            raise ConfigError(f"config: {key} = {value} must be -1 (auto), 0 (off) or a number of microseconds")
+    elif isinstance(value, int) and not isinstance(value, bool) and key != "socket_mode" and value <= 0:
         raise ConfigError(f"config: {key} = {value} must be positive")
     return value
 

@@ -165,7 +165,7 @@ class Engine:
         lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
         self.workers: dict[str, WorkerHandle] = {
             d: WorkerHandle(d, host_modules=config.host_modules, compile_check=config.compile_check,
-                            on_exit=self._worker_exit)
+                            spin_us=round(config.spin("worker_spin_us", devices) * 1e6), on_exit=self._worker_exit)
             for d in devices}
         self.scheduler = Scheduler(lanes, config.policy)
         self.arenas: dict[int, ArenaRecord] = {}
@@ -175,6 +175,10 @@ class Engine:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0}
+        self.spin = config.spin("spin_us", devices)
+        self.client_spin = config.spin("client_spin_us", devices)
+        self._spin_until = 0.0
+        self._spinning = False
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -196,6 +200,14 @@ class Engine:
         self.scheduler.set_down(worker.device, True)
         for r in self.residents.values():
             r.devices.discard(worker.device)
+
+    def max_graph_bytes(self) -> int:
+        """Device memory one graph may use: what the smallest device can hold, less headroom."""
+        mem = [int(w.info.get("memory", 0)) for w in self.workers.values() if w.info.get("memory")]
+        if not mem:
+            return 1 << 40
+        share = 0.9 if all(d.startswith("cuda") for d in self.devices) else 0.25  # CPU: host RAM, shared
+        return int(min(mem) * share)
 
     def device_info(self) -> list[dict[str, Any]]:
         return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self.scheduler.running[d]))
@@ -277,7 +289,7 @@ class Engine:
         specs = check_kernel_specs(kernels)
         digest = library_digest(fmt, data, kernels, options)
         rec = self.libraries.get(digest)
-        cached = rec is not None
+        cached = digest in tenant.libraries  # never reveal what other tenants registered
         if rec is None:
             rec = LibraryRecord(digest, fmt, data, specs, tuple(options))
             rec.ready = asyncio.get_running_loop().create_future()
@@ -373,7 +385,24 @@ class Engine:
         self._pending[job.id] = p
         self.scheduler.submit(job, now)
         self._pump()
+        self._kick(now)
         return p.future
+
+    def _kick(self, now: float) -> None:
+        """Keep the event loop polling (never sleeping) for ``spin`` seconds after activity."""
+        if self.spin <= 0:
+            return
+        self._spin_until = now + self.spin
+        if not self._spinning:
+            self._spinning = True
+            asyncio.get_running_loop().call_soon(self._spin_once)
+
+    def _spin_once(self) -> None:
+        # A pending call_soon makes the loop poll its sockets with a zero timeout.
+        if time.monotonic() < self._spin_until:
+            asyncio.get_running_loop().call_soon(self._spin_once)
+        else:
+            self._spinning = False
 
     def cancel_session(self, session: int) -> int:
         """Drop a closing session's queued graphs (running ones finish); returns how many."""
@@ -438,6 +467,7 @@ class Engine:
                         exc = errors.from_wire(reply.code, reply.message, reply.detail)
                     p.future.set_exception(exc or errors.InternalError("graph ended without a result"))
         self._pump()
+        self._kick(now)
 
     def _release_uses(self, p: _Pending) -> None:
         for a in p.arenas:

@@ -28,6 +28,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1),
 }
 _ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
+_F32_MAX = float(np.finfo(np.float32).max)
 _WRITES = ("out", "inout")
 
 
@@ -37,6 +38,7 @@ class Limits:
     max_kernels: int = 4096
     max_dims: int = 8
     max_buffer_bytes: int = 1 << 40
+    max_graph_bytes: int = 1 << 40   # all of a graph's device memory (the engine lowers it to the device's)
     max_shared: int = 227 * 1024
     max_threads_per_block: int = 1024
 
@@ -147,6 +149,11 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
             raise errors.InvalidGraph(f"{where}: unknown buffer kind {b.kind!r} "
                                       "(expected in, out, inout, temp or resident)")
 
+    footprint = sum(b.nbytes for b in buffers if b.kind != "resident")
+    if footprint > limits.max_graph_bytes:
+        raise errors.QuotaExceeded(
+            f"graph needs {footprint} bytes of device memory; at most {limits.max_graph_bytes} fit",
+            detail={"needed": footprint, "limit": limits.max_graph_bytes})
     n = len(spec.kernels)
     kernels: list[ExecKernel] = []
     used_libs: set[str] = set()
@@ -192,6 +199,8 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
                     lo, hi = _RANGES[p.kind]
                     if isinstance(arg.value, float) or not lo <= arg.value <= hi:
                         raise errors.ArgumentError(f"{aw}: {arg.value!r} is not a {p.kind} in [{lo}, {hi}]")
+                elif p.kind == "f32" and math.isfinite(arg.value) and abs(arg.value) > _F32_MAX:
+                    raise errors.ArgumentError(f"{aw}: {arg.value!r} is outside the f32 range (±{_F32_MAX:.7g})")
             else:
                 raise errors.ArgumentError(f"{aw}: the kernel signature has unknown parameter kind {p.kind!r}")
         for d in k.deps:

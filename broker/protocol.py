@@ -213,6 +213,7 @@ class Welcome(_Base, tag="welcome", frozen=True):
     tenant: str
     max_frame: int
     devices: tuple[str, ...]
+    spin_us: int = 0  # how long the broker suggests a client busy-polls for a reply
 
 
 class ArenaRegistered(_Base, tag="arena_ok", frozen=True):
@@ -294,7 +295,7 @@ def _classify(body: bytes | memoryview, exc: Exception, known: frozenset[str] | 
     req = 0
     try:
         raw = _raw_decoder.decode(body)
-    except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8 in a string
+    except (msgspec.DecodeError, ValueError, RecursionError):  # invalid UTF-8; absurd nesting
         return errors.MalformedFrame(f"malformed frame: body is not msgpack ({exc})")
     if isinstance(raw, list) and raw:
         if len(raw) > 1 and isinstance(raw[1], int) and not isinstance(raw[1], bool):
@@ -313,14 +314,14 @@ def decode_tenant(body: bytes | memoryview) -> TenantMessage:
     """Decode a tenant frame body; raises MalformedFrame / UnknownMessage (``detail['req']``)."""
     try:
         return _tenant_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
         raise _classify(body, exc, TENANT_TAGS) from None
 
 
 def decode_broker(body: bytes | memoryview) -> BrokerMessage:
     try:
         return _broker_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
         raise _classify(body, exc, None) from None
 
 

@@ -78,7 +78,11 @@ class Connection:
         for body in bodies:
             if not self.open:
                 break
-            self.session.frame_received(body)
+            try:
+                self.session.frame_received(body)
+            except Exception:  # a broker bug must cost this frame, never the others or the loop
+                log.exception("frame_failed", session=self.session.id)
+                self.session.reply_error(0, errors.InternalError("broker error while handling a frame"))
 
     def write(self, frame: bytes) -> None:
         if not self.open:

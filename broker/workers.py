@@ -28,11 +28,12 @@ log = structlog.get_logger("kaas.workers")
 class WorkerHandle:
     """One device worker. ``call()`` sends a command and awaits its reply."""
 
-    def __init__(self, device: str, *, host_modules: tuple[str, ...], compile_check: str,
+    def __init__(self, device: str, *, host_modules: tuple[str, ...], compile_check: str, spin_us: int = 0,
                  on_exit: Callable[[WorkerHandle, int | None], None] | None = None) -> None:
         self.device = device
         self.host_modules = host_modules
         self.compile_check = compile_check
+        self.spin_us = spin_us
         self.on_exit = on_exit
         self.info: dict[str, Any] = {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,7 +53,7 @@ class WorkerHandle:
         try:
             cmd = [sys.executable, "-m", "broker.streams.worker", "--fd", str(theirs.fileno()),
                    "--device", self.device, "--host-modules", ",".join(self.host_modules),
-                   "--compile-check", self.compile_check]
+                   "--compile-check", self.compile_check, "--spin-us", str(self.spin_us)]
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:
             theirs.close()

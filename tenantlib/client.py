@@ -7,6 +7,8 @@ A client is safe to share between threads (one lock guards the socket).
 from __future__ import annotations
 
 import array
+import os
+import select
 import socket
 import threading
 import time
@@ -54,27 +56,41 @@ class PendingRun:
 class Client(ClientCore):
     """A session with the broker. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, sock: socket.socket, welcome: Welcome, decoder: FrameDecoder, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, welcome: Welcome, decoder: FrameDecoder, timeout: float | None,
+                 spin_us: int | None = None) -> None:
         super().__init__(welcome)
+        sock.setblocking(False)  # waits go through poll(), after an optional spin
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self._decoder = decoder
         self._replies: dict[int, BrokerMessage] = {}
         self._lock = threading.RLock()
         self.timeout = timeout
+        env = os.environ.get("KAAS_SPIN_US")
+        us = spin_us if spin_us is not None else int(env) if env else welcome.spin_us
+        self.spin = max(0, us) / 1e6  # seconds to busy-poll for a reply before sleeping
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, msg: Any, fd: int | None = None) -> None:
         self._check_open()
-        frame = encode(msg)
+        view = memoryview(encode(msg))
         with self._lock:
             try:
-                if fd is None:
-                    self._sock.sendall(frame)
-                else:
-                    n = self._sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                      array.array("i", [fd]).tobytes())])
-                    if n < len(frame):
-                        self._sock.sendall(frame[n:])
+                if fd is not None:
+                    while True:
+                        try:
+                            n = self._sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                             array.array("i", [fd]).tobytes())])
+                            break
+                        except BlockingIOError:
+                            select.select([], [self._sock], [])
+                    view = view[n:]
+                while view:
+                    try:
+                        view = view[self._sock.send(view):]
+                    except BlockingIOError:
+                        select.select([], [self._sock], [])
             except OSError as exc:
                 self._broken(exc)
 
@@ -82,24 +98,36 @@ class Client(ClientCore):
         self.closed = True
         raise errors.SessionClosed(f"connection to the broker was lost: {exc}") from None
 
+    def _recv(self, deadline: float | None) -> bytes | None:
+        """Bytes from the broker: spin for ``self.spin``, then sleep in poll(); None at the deadline."""
+        sock = self._sock
+        spin_end = time.perf_counter() + self.spin
+        while True:
+            try:
+                return sock.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            if time.perf_counter() < spin_end:
+                continue
+            if deadline is None:
+                self._poll.poll()
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._poll.poll(max(1, int(left * 1000)))
+
     def _wait(self, req: int, limit: float | None) -> BrokerMessage:
         deadline = None if limit is None else time.monotonic() + limit
         with self._lock:
             while req not in self._replies:
                 self._check_open()
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
-                    self._sock.settimeout(left)
-                else:
-                    self._sock.settimeout(None)
                 try:
-                    data = self._sock.recv(1 << 20)
-                except TimeoutError:
-                    continue
+                    data = self._recv(deadline)
                 except OSError as exc:
                     self._broken(exc)
+                if data is None:
+                    raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
                 if not data:
                     self._broken(ConnectionResetError("broker closed the connection"))
                 for body in self._decoder.feed(data):
@@ -211,11 +239,14 @@ class Client(ClientCore):
             self.close()
 
 
-def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0) -> Client:
+def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0,
+            spin_us: int | None = None) -> Client:
     """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
 
     ``timeout`` bounds each request's wait (None waits forever); graphs with their own
-    ``timeout=`` wait that long plus a grace period for the broker's verdict.
+    ``timeout=`` wait that long plus a grace period for the broker's verdict.  ``spin_us``:
+    how long to busy-poll for a reply before sleeping (default ``$KAAS_SPIN_US``, else what
+    the broker suggests: non-zero only where it drives GPUs).
     """
     path = default_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -242,7 +273,7 @@ def connect(path: str | None = None, *, client: str = "tenantlib", timeout: floa
     except BaseException:
         sock.close()
         raise
-    c = Client(sock, msg, decoder, timeout)
+    c = Client(sock, msg, decoder, timeout, spin_us)
     for extra in bodies[1:]:
         reply = decode_broker(extra)
         c._replies[getattr(reply, "req", 0)] = reply

@@ -271,3 +271,20 @@ def test_make_run_demo(broker_env: dict[str, str]) -> None:
                          text=True, cwd=ROOT, env=broker_env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all results correct" in out.stdout and "broker stopped (exit code 0)" in out.stdout
+
+
+def test_spinning_broker_worker_and_client_still_serve_correctly(broker_factory: BrokerFactory) -> None:
+    b = broker_factory("spin_us = 300\nworker_spin_us = 300\nclient_spin_us = 150\n")
+    with tenantlib.connect(b.socket) as client:
+        assert client.spin == pytest.approx(150e-6)  # suggested by the broker in the handshake
+        lib = kernels.library(client)
+        n = 500
+        x, y, z = fresh(client.array(n)), fresh(client.array(n)), client.array(n)
+        g = client.graph()
+        g.kernel(lib, "vadd", grid=2, block=256, args=[g.input(x), g.input(y), g.output(z), n])
+        for _ in range(50):
+            fresh(x)
+            client.run(g)
+            np.testing.assert_array_equal(z, x + y)
+    with tenantlib.connect(b.socket, spin_us=0) as quiet:
+        assert quiet.spin == 0

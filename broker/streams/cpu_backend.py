@@ -66,7 +66,7 @@ class CpuBackend(Backend):
         self.index = index
         self.host_modules = host_modules
         self.compile_check = compile_check  # arch to check CUDA C source against; "" disables
-        self._arenas: dict[int, mmap.mmap] = {}
+        self._arenas: dict[int, tuple[mmap.mmap, int]] = {}  # arena -> (mapping, fd kept for fstat)
         self._residents: dict[int, np.ndarray] = {}
         self._kernels: dict[tuple[str, str], tuple[KernelSpec, HostFn]] = {}
         self._libraries: set[str] = set()
@@ -109,15 +109,17 @@ class CpuBackend(Backend):
 
     def pin_arena(self, arena: int, fd: int, size: int) -> None:
         try:
-            self._arenas[arena] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError) as exc:
-            raise errors.InvalidArena(f"cannot map arena of {size} bytes: {exc}") from None
-        finally:
             os.close(fd)
+            raise errors.InvalidArena(f"cannot map arena of {size} bytes: {exc}") from None
+        self._arenas[arena] = (mm, fd)
 
     def unpin_arena(self, arena: int) -> None:
-        mm = self._arenas.pop(arena, None)
-        if mm is not None:
+        entry = self._arenas.pop(arena, None)
+        if entry is not None:
+            mm, fd = entry
+            os.close(fd)
             try:
                 mm.close()
             except BufferError:  # a view escaped; the mapping goes with it
@@ -151,13 +153,22 @@ class CpuBackend(Backend):
             return [Completion(token, timings=self._run(graph))]
         except errors.KaasError as exc:
             return [Completion(token, error=exc)]
+        except MemoryError:
+            return [Completion(token, error=errors.DeviceError("the CPU device ran out of memory for this graph"))]
+        except Exception as exc:  # a bug here fails one graph, not the worker
+            return [Completion(token, error=errors.InternalError(f"CPU device: {type(exc).__name__}: {exc}"))]
 
     def _view(self, arena: int, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int) -> np.ndarray:
-        mm = self._arenas.get(arena)
-        if mm is None:
+        entry = self._arenas.get(arena)
+        if entry is None:
             raise errors.InternalError(f"arena {arena} is not pinned on {self.info()['name']}")
-        if offset + nbytes > len(mm):
-            raise errors.InternalError(f"arena {arena} slice {offset}+{nbytes} exceeds its {len(mm)} bytes")
+        mm, fd = entry
+        # Touching a page past the segment's end is SIGBUS: a tenant that shrank its segment after
+        # handing it over gets an error here instead (the window left until the copy is tiny).
+        size = os.fstat(fd).st_size
+        if offset + nbytes > min(size, len(mm)):
+            raise errors.InvalidArena(f"the arena's segment shrank to {size} bytes under the broker; "
+                                      f"bytes [{offset}, {offset + nbytes}) are gone", detail={"segment_size": size})
         return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 
     def _run(self, graph: ExecGraph) -> Timings:

@@ -67,13 +67,14 @@ def make_backend(device: str, host_modules: tuple[str, ...], compile_check: str)
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, backend: Backend) -> None:
+    def __init__(self, sock: socket.socket, backend: Backend, spin: float = 0.0) -> None:
         self.sock = sock
         self.backend = backend
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.fds: list[int] = []
         self.traced: dict[int, list[float]] = {}  # seq -> stamps, for runs that asked for a trace
         self.running = True
+        self.spin = spin  # seconds to busy-poll after the last command or completion
 
     def send(self, msg: Any) -> None:
         self.sock.sendall(encode(msg))
@@ -141,21 +142,25 @@ class Worker:
 
     def run(self) -> int:
         self.send(WReady(self.backend.info()))
-        idle_since = time.perf_counter()
+        last = time.perf_counter()  # the last command or completion
         while self.running:
-            if self.backend.busy:
-                # Adaptive back-off: spin while work just finished, then sleep a little.
-                waited = time.perf_counter() - idle_since
-                timeout: float | None = 0.0 if waited < 0.0002 else min(0.001, waited / 4)
+            idle = time.perf_counter() - last
+            busy = self.backend.busy
+            if idle < (max(self.spin, 0.0002) if busy else self.spin):
+                timeout: float | None = 0.0  # poll: the next command or completion is likely close
+            elif busy:
+                timeout = min(0.001, idle / 4)  # long device work: back off, up to 1 ms
             else:
                 timeout = None
             r, _, _ = select.select([self.sock], [], [], timeout)
-            if r and not self._recv():
-                break
+            if r:
+                if not self._recv():
+                    break
+                last = time.perf_counter()
             done = self.backend.poll()
             if done:
                 self._complete(done)
-                idle_since = time.perf_counter()
+                last = time.perf_counter()
             if getattr(self.backend, "poisoned", False):
                 return EXIT_POISONED
         return 0
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", required=True, help="cpu:N or cuda:N")
     p.add_argument("--host-modules", default="tenantlib.kernels")
     p.add_argument("--compile-check", default="sm_90", help="arch the CPU device checks CUDA C against ('' off)")
+    p.add_argument("--spin-us", type=int, default=0, help="busy-poll this long after activity")
     args = p.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when we stop
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(True)
     backend = make_backend(args.device, tuple(m for m in args.host_modules.split(",") if m), args.compile_check)
     try:
-        return Worker(sock, backend).run()
+        return Worker(sock, backend, args.spin_us / 1e6).run()
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:
