@@ -42,7 +42,7 @@ class Config:
     device: str = "auto"                  # auto | cpu[:0,1] | cuda[:0,1]
     socket_mode: int = 0o660
     max_frame: int = DEFAULT_MAX_FRAME
-    host_modules: tuple[str, ...] = ("tenantlib.kernels",)
+    host_modules: tuple[str, ...] = ("tenantlib.kernels.host",)
     compile_check: str = "sm_90"          # arch the CPU device checks CUDA C against; "" off
     lanes_cpu: int = 2
     lanes_cuda: int = 8

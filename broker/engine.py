@@ -10,6 +10,7 @@ Tenant-facing ids never reach here: sessions translate them to the global ids be
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -43,6 +44,7 @@ log = structlog.get_logger("kaas.engine")
 
 LIBRARY_FORMATS = ("cuda", "cubin", "ptx", "fatbin")
 MAX_LIBRARY_BYTES = 32 * 1024 * 1024
+_F_GET_SEALS, _F_SEAL_WRITE, _F_SEAL_FUTURE_WRITE = 1034, 0x0008, 0x0010  # linux/fcntl.h
 _IDENT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
 
@@ -163,10 +165,9 @@ class Engine:
         self.config = config
         self.devices = list(devices)
         lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
-        self.workers: dict[str, WorkerHandle] = {
-            d: WorkerHandle(d, host_modules=config.host_modules, compile_check=config.compile_check,
-                            spin_us=round(config.spin("worker_spin_us", devices) * 1e6), on_exit=self._worker_exit)
-            for d in devices}
+        self.workers: dict[str, WorkerHandle] = {d: self._new_worker(d) for d in devices}
+        self._respawns: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
         self.scheduler = Scheduler(lanes, config.policy)
         self.arenas: dict[int, ArenaRecord] = {}
         self.libraries: dict[str, LibraryRecord] = {}
@@ -174,17 +175,26 @@ class Engine:
         self.tenants: dict[str, TenantState] = {}
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
-        self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0}
+        self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
+                                      "worker_restarts": 0}
         self.spin = config.spin("spin_us", devices)
         self.client_spin = config.spin("client_spin_us", devices)
         self._spin_until = 0.0
         self._spinning = False
 
     # -- lifecycle -----------------------------------------------------------------------
+    def _new_worker(self, device: str) -> WorkerHandle:
+        return WorkerHandle(device, host_modules=self.config.host_modules, compile_check=self.config.compile_check,
+                            spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
+                            on_exit=self._worker_exit)
+
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers.values()))
 
     async def stop(self) -> None:
+        self._stopping = True
+        for t in self._respawns.values():
+            t.cancel()
         err = errors.ShuttingDown("broker is shutting down")
         for p in list(self._pending.values()):
             if not p.future.done():
@@ -196,10 +206,47 @@ class Engine:
             self._forget_resident(r)
 
     def _worker_exit(self, worker: WorkerHandle, code: int | None) -> None:
-        # Supervision and replay belong to fault containment; until then the device is down.
+        """A worker died: its device is down until a fresh worker holds what the broker holds."""
         self.scheduler.set_down(worker.device, True)
         for r in self.residents.values():
             r.devices.discard(worker.device)
+        if not self._stopping and worker.device not in self._respawns:
+            task = asyncio.get_running_loop().create_task(self._respawn(worker.device))
+            self._respawns[worker.device] = task
+            task.add_done_callback(functools.partial(self._respawn_done, worker.device))
+
+    def _respawn_done(self, device: str, task: asyncio.Task[None]) -> None:
+        self._respawns.pop(device, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker_respawn_crashed", device=device, error=repr(task.exception()))
+
+    async def _respawn(self, device: str) -> None:
+        delay = 0.05
+        while not self._stopping:
+            w = self._new_worker(device)
+            try:
+                await w.start()
+                self.workers[device] = w  # new arenas and libraries reach it from here on
+                for a in list(self.arenas.values()):
+                    if a.gid in self.arenas:
+                        await self._pin_on(w, a)
+                for rec in list(self.libraries.values()):
+                    if rec.ready is not None and not rec.ready.done():
+                        await asyncio.wait([rec.ready])
+                    if rec.digest in self.libraries:
+                        await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
+                                                  tuple(rec.kernels.values()), rec.options))
+            except errors.KaasError as exc:
+                log.warning("worker_respawn_failed", device=device, error=str(exc), retry_in=delay)
+                w.kill()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.stats["worker_restarts"] += 1
+            self.scheduler.set_down(device, False)
+            log.info("worker_respawned", device=device, pid=w.pid)
+            self._pump()
+            return
 
     def max_graph_bytes(self) -> int:
         """Device memory one graph may use: what the smallest device can hold, less headroom."""
@@ -240,6 +287,16 @@ class Engine:
             if size <= 0 or st.st_size < size:
                 raise errors.InvalidArena(f"declared size {size} does not fit the segment's {st.st_size} bytes",
                                           detail={"size": size, "segment_size": st.st_size})
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+                raise errors.InvalidArena("the segment's descriptor is not open for reading and writing, so the "
+                                          "broker could not map it to write outputs")
+            try:
+                seals = fcntl.fcntl(fd, _F_GET_SEALS)
+            except OSError:  # not a memfd: no seals
+                seals = 0
+            if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE):
+                raise errors.InvalidArena("the segment is sealed against writes, so the broker could not map it "
+                                          "to write outputs")
         except BaseException:
             os.close(fd)
             raise
@@ -247,11 +304,18 @@ class Engine:
         rec.idle.set()
         self.arenas[rec.gid] = rec
         try:
-            await self._on_all(lambda w: w.call(WPinArena(w.next_seq(), rec.gid, size), fd))
+            await asyncio.gather(*(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive))
         except (Exception, asyncio.CancelledError):
             self._forget_arena(rec)
             raise
         return rec
+
+    async def _pin_on(self, w: WorkerHandle, rec: ArenaRecord) -> None:
+        """Map ``rec`` in ``w`` once: registration and a respawn's replay may race for it."""
+        if rec.gid in w.pinned:
+            return
+        w.pinned.add(rec.gid)
+        await w.call(WPinArena(w.next_seq(), rec.gid, rec.size), rec.fd)
 
     async def release_arena(self, rec: ArenaRecord) -> None:
         """Close ``rec`` for new graphs; unmap it once graphs using it are done."""
@@ -262,7 +326,10 @@ class Engine:
 
     async def _unpin(self, rec: ArenaRecord) -> None:
         try:
-            await self._on_all(lambda w: w.call(WUnpinArena(w.next_seq(), rec.gid)), alive_only=True)
+            await asyncio.gather(*(w.call(WUnpinArena(w.next_seq(), rec.gid))
+                                   for w in list(self.workers.values()) if w.alive and rec.gid in w.pinned))
+            for w in self.workers.values():
+                w.pinned.discard(rec.gid)
         except errors.KaasError as exc:
             log.warning("unpin_failed", arena=rec.gid, error=str(exc))
         finally:
@@ -296,7 +363,7 @@ class Engine:
             self.libraries[digest] = rec
             try:
                 replies = await self._on_all(lambda w: w.call(
-                    WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options))))
+                    WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options))), alive_only=True)
                 rec.log = "\n".join(str(r.info.get("log", "")) for r in replies if r.info.get("log"))
                 self.stats["library_loads"] += 1
                 rec.ready.set_result(None)

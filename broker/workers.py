@@ -36,6 +36,7 @@ class WorkerHandle:
         self.spin_us = spin_us
         self.on_exit = on_exit
         self.info: dict[str, Any] = {}
+        self.pinned: set[int] = set()  # arenas this worker was asked to map (marked before sending)
         self.proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)

@@ -61,12 +61,15 @@ def resolve_host(ref: str, allowed: tuple[str, ...]) -> HostFn:
 class CpuBackend(Backend):
     kind = "cpu"
 
-    def __init__(self, index: int = 0, *, host_modules: tuple[str, ...] = ("tenantlib.kernels",),
+    def __init__(self, index: int = 0, *, host_modules: tuple[str, ...] = ("tenantlib.kernels.host",),
                  compile_check: str = "sm_90") -> None:
         self.index = index
         self.host_modules = host_modules
         self.compile_check = compile_check  # arch to check CUDA C source against; "" disables
-        self._arenas: dict[int, tuple[mmap.mmap, int]] = {}  # arena -> (mapping, fd kept for fstat)
+        # arena -> (fd, size). Arenas are read and written with preadv/pwritev, never through a
+        # mapping: a tenant may shrink its segment at any moment, and a mapped page past the end
+        # is SIGBUS, while a read past the end is just short.
+        self._arenas: dict[int, tuple[int, int]] = {}
         self._residents: dict[int, np.ndarray] = {}
         self._kernels: dict[tuple[str, str], tuple[KernelSpec, HostFn]] = {}
         self._libraries: set[str] = set()
@@ -108,22 +111,15 @@ class CpuBackend(Backend):
         return str(log)
 
     def pin_arena(self, arena: int, fd: int, size: int) -> None:
-        try:
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError) as exc:
+        if arena in self._arenas:  # pinned already (a respawn replays pins): idempotent
             os.close(fd)
-            raise errors.InvalidArena(f"cannot map arena of {size} bytes: {exc}") from None
-        self._arenas[arena] = (mm, fd)
+            return
+        self._arenas[arena] = (fd, size)
 
     def unpin_arena(self, arena: int) -> None:
         entry = self._arenas.pop(arena, None)
         if entry is not None:
-            mm, fd = entry
-            os.close(fd)
-            try:
-                mm.close()
-            except BufferError:  # a view escaped; the mapping goes with it
-                pass
+            os.close(entry[0])
 
     def put_resident(self, resident: int, fd: int, size: int) -> None:
         try:
@@ -158,18 +154,26 @@ class CpuBackend(Backend):
         except Exception as exc:  # a bug here fails one graph, not the worker
             return [Completion(token, error=errors.InternalError(f"CPU device: {type(exc).__name__}: {exc}"))]
 
-    def _view(self, arena: int, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int) -> np.ndarray:
+    def _fd(self, arena: int, offset: int, nbytes: int) -> int:
         entry = self._arenas.get(arena)
         if entry is None:
             raise errors.InternalError(f"arena {arena} is not pinned on {self.info()['name']}")
-        mm, fd = entry
-        # Touching a page past the segment's end is SIGBUS: a tenant that shrank its segment after
-        # handing it over gets an error here instead (the window left until the copy is tiny).
-        size = os.fstat(fd).st_size
-        if offset + nbytes > min(size, len(mm)):
-            raise errors.InvalidArena(f"the arena's segment shrank to {size} bytes under the broker; "
-                                      f"bytes [{offset}, {offset + nbytes}) are gone", detail={"segment_size": size})
-        return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+        fd, size = entry
+        if offset + nbytes > size:
+            raise errors.InternalError(f"arena {arena} slice {offset}+{nbytes} exceeds its {size} bytes")
+        return fd
+
+    def _read(self, arena: int, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, nbytes: int) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        got = os.preadv(self._fd(arena, offset, nbytes), [out.reshape(-1).view(np.uint8).data], offset)
+        if got != nbytes:
+            raise errors.InvalidArena(f"the arena's segment shrank under the broker: read {got} of {nbytes} bytes "
+                                      f"at offset {offset}", detail={"offset": offset, "nbytes": nbytes, "read": got})
+        return out
+
+    def _write(self, arena: int, arr: np.ndarray, offset: int) -> None:
+        data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        os.pwritev(self._fd(arena, offset, data.nbytes), [data.data], offset)
 
     def _run(self, graph: ExecGraph) -> Timings:
         t0 = time.perf_counter()
@@ -177,7 +181,7 @@ class CpuBackend(Backend):
         for b in graph.buffers:
             dt = np.dtype(b.dtype)
             if b.kind in ("in", "inout"):
-                arrays.append(self._view(b.arena, dt, b.shape, b.offset, b.nbytes).copy())
+                arrays.append(self._read(b.arena, dt, b.shape, b.offset, b.nbytes))
             elif b.kind in ("out", "temp"):
                 arrays.append(np.zeros(b.shape, dtype=dt))
             elif b.kind == "resident":
@@ -203,7 +207,7 @@ class CpuBackend(Backend):
         t2 = time.perf_counter()
         for b, arr in zip(graph.buffers, arrays, strict=True):
             if b.kind in ("out", "inout"):
-                self._view(b.arena, arr.dtype, b.shape, b.offset, b.nbytes)[...] = arr
+                self._write(b.arena, arr, b.offset)
         t3 = time.perf_counter()
         return Timings(copy_in=t1 - t0, kernels=t2 - t1, copy_out=t3 - t2, total=t3 - t0)
 

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kaas-worker", description="kaas device worker (started by the broker)")
     p.add_argument("--fd", type=int, required=True, help="inherited socket to the broker")
     p.add_argument("--device", required=True, help="cpu:N or cuda:N")
-    p.add_argument("--host-modules", default="tenantlib.kernels")
+    p.add_argument("--host-modules", default="tenantlib.kernels.host")
     p.add_argument("--compile-check", default="sm_90", help="arch the CPU device checks CUDA C against ('' off)")
     p.add_argument("--spin-us", type=int, default=0, help="busy-poll this long after activity")
     args = p.parse_args(argv)

@@ -1,0 +1,83 @@
+"""A device worker that dies is respawned with everything the broker holds; the device comes back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import tenantlib
+from tenantlib import errors, kernels
+from tests.conftest import BrokerFactory, broker_pid, children
+
+
+def _vadd(client: tenantlib.Client, lib: tenantlib.Library, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> None:
+    g = client.graph()
+    grid, block = kernels.launch_1d(x.size)
+    g.kernel(lib, "vadd", grid=grid, block=block, args=[g.input(x), g.input(y), g.output(z), x.size])
+    client.run(g, timeout=30)
+    np.testing.assert_array_equal(z, x + y)
+
+
+def _wait_for(cond, what: str, seconds: float = 30.0):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_is_respawned_with_arenas_libraries_and_residents(broker_factory: BrokerFactory) -> None:
+    b = broker_factory()
+    rng = np.random.default_rng()
+    with tenantlib.connect(b.socket) as client:
+        lib = kernels.library(client)
+        n = 1000
+        x, y, z = (client.array(n) for _ in range(3))
+        x[...] = rng.standard_normal(n)
+        y[...] = rng.standard_normal(n)
+        res = client.resident(y)
+        _vadd(client, lib, x, y, z)
+        (worker,) = children(broker_pid(b))
+        os.kill(worker, signal.SIGKILL)
+        _wait_for(lambda: client.status()["stats"]["worker_restarts"] == 1, "the respawn")
+        (new_worker,) = children(broker_pid(b))
+        assert new_worker != worker
+        # the same arenas, library and resident work on the new worker without registering again
+        x[...] = rng.standard_normal(n)
+        _vadd(client, lib, x, y, z)
+        g = client.graph()
+        g.kernel(lib, "vadd", grid=4, block=256, args=[g.resident(res), g.input(x), g.output(z), n])
+        client.run(g)
+        np.testing.assert_array_equal(z, x + y)
+        assert client.status()["devices"][0]["alive"]
+
+
+def test_crashing_host_kernel_fails_its_graph_and_the_device_comes_back(broker_factory: BrokerFactory) -> None:
+    from tenantlib.kernels import testing
+
+    b = broker_factory('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n')
+    with tenantlib.connect(b.socket) as victim, tenantlib.connect(b.socket) as other:
+        with pytest.raises(errors.HostImplementationError, match="not allowed"):  # not by default
+            with tenantlib.connect(broker_factory().socket) as c:
+                c.library(kernels.SOURCE, kernels=[testing.CRASH])
+        bad = victim.library(kernels.SOURCE + '\nextern "C" __global__ void crash() {}\n', kernels=[testing.CRASH])
+        g = victim.graph()
+        g.kernel(bad, "crash", grid=1, block=1, args=[])
+        try:
+            victim.run(g, timeout=30)
+        except errors.WorkerLost as exc:
+            assert "exit code 70" in str(exc)
+        else:
+            raise AssertionError("a graph whose kernel killed the worker must fail")
+        lib = kernels.library(other)
+        x, y, z = (other.array(64) for _ in range(3))
+        x[...] = 1.0
+        y[...] = 2.0
+        _wait_for(lambda: other.status()["stats"]["worker_restarts"] >= 1, "the respawn")
+        _vadd(other, lib, x, y, z)
