@@ -26,7 +26,7 @@ import structlog
 
 from . import errors
 from .config import Config
-from .graph import Resolved
+from .graph import ResidentRef, Resolved
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
 from .scheduler import Job, Scheduler
 from .streams.wire import (
@@ -88,10 +88,16 @@ class ResidentRecord:
 
 @dataclass(eq=False, slots=True)
 class TenantState:
+    """A tenant's capabilities. ``gen`` changes whenever libraries or residents do (cache key)."""
+
     name: str
     sessions: int = 0
     libraries: set[str] = field(default_factory=set)
     residents: dict[str, ResidentRecord] = field(default_factory=dict)
+    # What validation reads, kept in step with the two above:
+    library_sigs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
+    resident_refs: dict[str, ResidentRef] = field(default_factory=dict)
+    gen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,11 +381,11 @@ class Engine:
         else:
             assert rec.ready is not None
             await asyncio.shield(rec.ready)
-        tenant.libraries.add(digest)
+        if digest not in tenant.libraries:
+            tenant.libraries.add(digest)
+            tenant.library_sigs[digest] = rec.kernels
+            tenant.gen += 1
         return digest, cached, rec.log
-
-    def library_kernels(self, tenant: TenantState) -> dict[str, dict[str, KernelSpec]]:
-        return {d: self.libraries[d].kernels for d in tenant.libraries if d in self.libraries}
 
     # -- residents -------------------------------------------------------------------------
     async def put_resident(self, tenant: TenantState, arena: ArenaRecord, offset: int, nbytes: int,
@@ -409,10 +415,14 @@ class Engine:
         rec = ResidentRecord(next(self._ids), tenant.name, key, nbytes, fd)
         self.residents[rec.gid] = rec
         tenant.residents[key] = rec
+        tenant.resident_refs[key] = ResidentRef(rec.gid, nbytes)
+        tenant.gen += 1
         return rec, False
 
     def release_resident(self, tenant: TenantState, rec: ResidentRecord) -> None:
         tenant.residents.pop(rec.digest, None)
+        tenant.resident_refs.pop(rec.digest, None)
+        tenant.gen += 1
         rec.released = True
         if rec.inflight == 0:
             self._forget_resident(rec)

@@ -18,13 +18,14 @@ import structlog
 
 from . import errors
 from .engine import ArenaRecord, Engine, GraphResult, TenantState
-from .graph import ArenaRef, Limits, ResidentRef, resolve
+from .graph import ArenaRef, Limits, Resolved, resolve
 from .protocol import (
     PROTOCOL_VERSION,
     ArenaRegistered,
     Done,
     Error,
     GraphDone,
+    GraphSpec,
     Hello,
     LibraryRegistered,
     Ping,
@@ -47,6 +48,7 @@ from .protocol import (
 from .tenants import Peer, Tenant, TenantDirectory
 
 log = structlog.get_logger("kaas.session")
+_RESOLVED_CACHE = 256  # validated graphs remembered per session
 _session_ids = itertools.count(1)
 
 
@@ -65,6 +67,9 @@ class Session:
         self.tenant: Tenant | None = None
         self.state: TenantState | None = None
         self.arenas: dict[int, ArenaRecord] = {}
+        self._arena_refs: dict[int, ArenaRef] = {}  # what validation reads, in step with ``arenas``
+        self._gen = 0  # changes with ``_arena_refs``: part of the resolved-graph cache key
+        self._resolved: dict[GraphSpec, tuple[tuple[int, int], Resolved]] = {}
         self._arena_ids = itertools.count(1)
         self.fds: list[int] = []       # received fds not yet claimed by a RegisterArena
         self.inflight: set[int] = set()
@@ -163,6 +168,8 @@ class Session:
             self._spawn(req, self._register_arena(req, fd, msg.size))
         elif isinstance(msg, ReleaseArena):
             rec = self._arena(msg.arena)
+            rec.closed = True  # graphs sent after this request may not use it
+            self._set_arena_ref(msg.arena, ArenaRef(rec.gid, rec.size, closed=True))
             self._spawn(req, self._release_arena(req, msg.arena, rec))
         elif isinstance(msg, RegisterLibrary):
             self._spawn(req, self._register_library(req, msg))
@@ -191,12 +198,27 @@ class Session:
         return rec
 
     # -- requests ----------------------------------------------------------------------------
+    def _set_arena_ref(self, local: int, ref: ArenaRef | None) -> None:
+        if ref is None:
+            self._arena_refs.pop(local, None)
+        else:
+            self._arena_refs[local] = ref
+        self._gen += 1
+
     def _run(self, req: int, msg: RunGraph) -> None:
         assert self.state is not None and self.tenant is not None
-        arenas = {lid: ArenaRef(r.gid, r.size, r.closed) for lid, r in self.arenas.items()}
-        residents = {k: ResidentRef(r.gid, r.nbytes) for k, r in self.state.residents.items()}
-        resolved = resolve(msg.graph, arenas=arenas, residents=residents,
-                           libraries=self.engine.library_kernels(self.state), limits=self.limits)
+        # A tenant resubmitting a graph it already sent skips validation while nothing it
+        # depends on (the session's arenas, the tenant's libraries and residents) has changed.
+        gens = (self._gen, self.state.gen)
+        hit = self._resolved.get(msg.graph)
+        if hit is not None and hit[0] == gens:
+            resolved = hit[1]
+        else:
+            resolved = resolve(msg.graph, arenas=self._arena_refs, residents=self.state.resident_refs,
+                               libraries=self.state.library_sigs, limits=self.limits)
+            if len(self._resolved) >= _RESOLVED_CACHE:
+                self._resolved.clear()
+            self._resolved[msg.graph] = (gens, resolved)
         if msg.timeout < 0:
             raise errors.InvalidArgument(f"timeout must be >= 0, got {msg.timeout}")
         fut = self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
@@ -225,11 +247,13 @@ class Session:
             return
         local = next(self._arena_ids)
         self.arenas[local] = rec
+        self._set_arena_ref(local, ArenaRef(rec.gid, rec.size))
         self._finish(req, ArenaRegistered(req, local))
 
     async def _release_arena(self, req: int, local: int, rec: ArenaRecord) -> None:
         await self.engine.release_arena(rec)
         self.arenas.pop(local, None)
+        self._set_arena_ref(local, None)
         self._finish(req, Done(req))
 
     async def _register_library(self, req: int, msg: RegisterLibrary) -> None:

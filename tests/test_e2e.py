@@ -288,3 +288,36 @@ def test_spinning_broker_worker_and_client_still_serve_correctly(broker_factory:
             np.testing.assert_array_equal(z, x + y)
     with tenantlib.connect(b.socket, spin_us=0) as quiet:
         assert quiet.spin == 0
+
+
+def test_resubmitted_graph_is_revalidated_after_its_arena_goes(broker: BrokerProcess) -> None:
+    import os
+
+    from broker import protocol as P
+    from tests.conftest import RawConnection
+
+    raw = RawConnection(broker.socket)
+    try:
+        sig = KernelSpec("vadd", tuple(kernels.KERNELS[1].params), "tenantlib.kernels.host:vadd")
+        raw.send(P.RegisterLibrary(1, "cuda", kernels.SOURCE.encode(), (sig,)))
+        lib = raw.recv()
+        assert isinstance(lib, P.LibraryRegistered), lib
+        fd = os.memfd_create("t")
+        os.ftruncate(fd, 4096)
+        raw.send(P.RegisterArena(2, 4096), fd)
+        os.close(fd)
+        arena = raw.recv()
+        assert isinstance(arena, P.ArenaRegistered), arena
+        bufs = tuple(P.BufferSpec(k, "float32", (16,), arena.arena, 64 * i) for i, k in enumerate(("in", "in", "out")))
+        spec = P.GraphSpec(bufs, (P.KernelNode(lib.library, "vadd", (1,), (16,), (P.Buf(0), P.Buf(1), P.Buf(2),
+                                                                                   P.Lit("i32", 16))),))
+        for req in (3, 4):
+            raw.send(P.RunGraph(req, spec))
+            assert isinstance(raw.recv(), P.GraphDone)
+        raw.send(P.ReleaseArena(5, arena.arena))
+        raw.send(P.RunGraph(6, spec))  # pipelined right behind the release: must not run
+        replies = {m.req: m for m in (raw.recv(), raw.recv())}
+        assert isinstance(replies[5], P.Done)
+        assert isinstance(replies[6], P.Error) and replies[6].code in ("arena_closed", "unknown_arena")
+    finally:
+        raw.close()
