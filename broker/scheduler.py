@@ -94,6 +94,7 @@ class FcfsPolicy(QueuePolicy):
 
 
 POLICIES: dict[str, Callable[[], QueuePolicy]] = {"fcfs": FcfsPolicy}
+_EMPTY = Plan(())
 
 
 def create_policy(name: str) -> QueuePolicy:
@@ -128,6 +129,8 @@ class Scheduler:
 
     def schedule(self, now: float, holds: Callable[[str, frozenset[int]], int] | None = None) -> Plan:
         """Fill free lanes. ``holds(device, residents)`` counts residents already on a device."""
+        if not len(self.policy):
+            return _EMPTY
         out: list[Assignment] = []
         while True:
             free = [d for d in self.lanes if self.free(d) > 0]
