@@ -35,6 +35,7 @@ def broker_env() -> dict[str, str]:
 BrokerFactory = Callable[..., BrokerProcess]
 
 
+
 @pytest.fixture
 def broker_factory(broker_env: dict[str, str], tmp_path: Path) -> Iterator[BrokerFactory]:
     """Start brokers with a given config text; all are stopped at the end of the test."""
@@ -52,6 +53,8 @@ def broker_factory(broker_env: dict[str, str], tmp_path: Path) -> Iterator[Broke
     yield start
     for b in started:
         b.stop()
+    problems = [p for b in started for p in b.problems()]
+    assert not problems, "the broker logged problems:\n" + "\n".join(problems)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,7 @@ def broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
     """One CPU-device broker shared by a test module."""
     with BrokerProcess("cpu:0", env=broker_env) as b:
         yield b
+    assert not b.problems(), "the broker logged problems:\n" + "\n".join(b.problems())
 
 
 @pytest.fixture

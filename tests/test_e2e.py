@@ -192,7 +192,15 @@ def test_timings_and_status(client: tenantlib.Client) -> None:
     assert st["tenant"] == client.tenant
 
 
-async def test_async_client_runs_many_graphs_concurrently(broker: BrokerProcess) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_async_client_runs_many_graphs_concurrently(broker: BrokerProcess, loop: str) -> None:
+    import uvloop
+
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    runner(asyncio.wait_for(_async_many_graphs(broker), 60))
+
+
+async def _async_many_graphs(broker: BrokerProcess) -> None:
     async with await tenantlib.connect_async(broker.socket) as client:
         lib = await kernels.library(client)
         n = 1000

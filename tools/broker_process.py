@@ -31,6 +31,14 @@ class BrokerProcess:
         self.log_path = log or (os.path.join(self._tmp.name, "broker.log") if self._tmp else os.devnull)
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.final_log = ""  # the whole log, kept at stop() (the temporary directory goes)
+
+    def problems(self) -> list[str]:
+        """Log lines that say the broker itself went wrong: errors, tracebacks, unhandled exceptions."""
+        text = self.final_log or self.log_tail(10_000)
+        return [ln for ln in text.splitlines()
+                if '"level": "error"' in ln or '"level": "critical"' in ln or ln.startswith("Traceback")
+                or "exception was never retrieved" in ln or "Task was destroyed" in ln]
 
     def start(self) -> BrokerProcess:
         cmd = [sys.executable, "-m", "broker", "--socket", self.socket, "--device", self.device, *self.extra_args]
@@ -71,6 +79,7 @@ class BrokerProcess:
                     self.proc.wait()
             code = self.proc.returncode
             self._log.close()
+            self.final_log = self.log_tail(10_000)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
