@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import signal
 import subprocess
 import sys
@@ -86,6 +87,17 @@ async def serve(config: Config, devices: list[str], *, ready: asyncio.Event | No
     return 0
 
 
+def raise_fd_limit() -> int:
+    """Arenas are fds: take the soft RLIMIT_NOFILE up to the hard limit. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kaas-broker", description="kaas: the multi-tenant GPU broker daemon")
     p.add_argument("--socket", help="Unix socket path (default: $KAAS_SOCKET, config, /run/kaas/broker.sock)")
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args.config, socket=args.socket, device=args.device, policy=args.policy)
         kaas_log.configure(config.log_format, config.log_level)
         devices = parse_devices(config.device)
+        raise_fd_limit()
     except ConfigError as exc:
         print(f"kaas-broker: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,7 @@ class Config:
     lanes_cuda: int = 8
     policy: str = "fcfs"
     max_arenas: int = 4096                # per session
+    max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
     log_format: str = "auto"              # auto | json | console

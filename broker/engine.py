@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import os
+import resource
 import stat
 import time
 from collections.abc import Iterable
@@ -59,6 +60,7 @@ class ArenaRecord:
     inflight: int = 0      # graphs queued or running that use it
     closed: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    tenant: TenantState | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -98,6 +100,7 @@ class TenantState:
     library_sigs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
     resident_refs: dict[str, ResidentRef] = field(default_factory=dict)
     gen: int = 0
+    arenas: int = 0  # arenas its sessions hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,10 @@ class Engine:
         self.client_spin = config.spin("client_spin_us", devices)
         self._spin_until = 0.0
         self._spinning = False
+        # Every arena and resident holds an fd here and in each worker; a reserve stays free for
+        # sockets, logs and name lookups, so one tenant's arenas can never starve the broker.
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_budget = max(16, nofile - min(1024, nofile // 4))
 
     # -- lifecycle -----------------------------------------------------------------------
     def _new_worker(self, device: str) -> WorkerHandle:
@@ -282,9 +289,17 @@ class Engine:
             del self.tenants[st.name]
 
     # -- arenas ----------------------------------------------------------------------------
-    async def register_arena(self, session: int, uid: int, fd: int, size: int) -> ArenaRecord:
+    async def register_arena(self, session: int, uid: int, fd: int, size: int,
+                             tenant: TenantState | None = None) -> ArenaRecord:
         """Check and map a tenant's segment on every device. Takes ownership of ``fd``."""
         try:
+            if len(self.arenas) + len(self.residents) >= self.fd_budget:
+                raise errors.QuotaExceeded(
+                    f"the broker holds {len(self.arenas)} arenas and {len(self.residents)} residents, all the file "
+                    f"descriptors it can spare ({self.fd_budget})", detail={"limit": self.fd_budget})
+            if tenant is not None and tenant.arenas >= self.config.max_tenant_arenas:
+                raise errors.QuotaExceeded(f"tenant holds {tenant.arenas} arenas (limit {self.config.max_tenant_arenas})",
+                                           detail={"limit": self.config.max_tenant_arenas})
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise errors.InvalidArena("the file descriptor is not a shared-memory segment")
@@ -306,9 +321,11 @@ class Engine:
         except BaseException:
             os.close(fd)
             raise
-        rec = ArenaRecord(next(self._ids), fd, size, session)
+        rec = ArenaRecord(next(self._ids), fd, size, session, tenant=tenant)
         rec.idle.set()
         self.arenas[rec.gid] = rec
+        if tenant is not None:
+            tenant.arenas += 1
         try:
             await asyncio.gather(*(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive))
         except (Exception, asyncio.CancelledError):
@@ -344,6 +361,8 @@ class Engine:
     def _forget_arena(self, rec: ArenaRecord) -> None:
         if self.arenas.pop(rec.gid, None) is not None:
             os.close(rec.fd)
+            if rec.tenant is not None:
+                rec.tenant.arenas -= 1
 
     async def _on_all(self, op: Any, *, alive_only: bool = False) -> list[WReply]:
         ws = [w for w in self.workers.values() if w.alive or not alive_only]
@@ -394,6 +413,9 @@ class Engine:
         rec = tenant.residents.get(key)
         if rec is not None:
             return rec, True
+        if len(self.arenas) + len(self.residents) >= self.fd_budget:
+            raise errors.QuotaExceeded(f"the broker holds all the file descriptors it can spare ({self.fd_budget})",
+                                       detail={"limit": self.fd_budget})
         fd = os.memfd_create("kaas-resident", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, nbytes)

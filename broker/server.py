@@ -192,7 +192,11 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                # Out of fds: the listening socket stays readable, so stop watching it for a moment
+                # instead of spinning on failed accepts; tenants wait in the backlog meanwhile.
                 log.warning("accept_failed", error=str(exc))
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(0.1, self._resume_accept)
                 return
             conn.setblocking(False)
             try:
@@ -201,6 +205,10 @@ class Server:
                 conn.close()
                 continue
             self.connections.add(Connection(self, conn, Peer(pid, uid, gid)))
+
+    def _resume_accept(self) -> None:
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._on_accept)
 
     def _connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)

@@ -241,7 +241,7 @@ class Session:
 
     async def _register_arena(self, req: int, fd: int, size: int) -> None:
         assert self.tenant is not None
-        rec = await self.engine.register_arena(self.id, self.peer.uid, fd, size)
+        rec = await self.engine.register_arena(self.id, self.peer.uid, fd, size, self.state)
         if self.closed:
             await self.engine.release_arena(rec)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import pwd
 from dataclasses import dataclass
@@ -25,9 +26,16 @@ class Tenant:
     weight: float = 1.0
 
 
+@functools.lru_cache(maxsize=4096)
+def _user_cached(uid: int) -> str:
+    return pwd.getpwuid(uid).pw_name
+
+
 def _user(uid: int) -> str:
+    """The user name of ``uid`` ('' if none). Found names are cached: a lookup that fails later
+    (NSS unreachable, fds short) must not turn a known user into an unknown one."""
     try:
-        return pwd.getpwuid(uid).pw_name
+        return _user_cached(uid)
     except KeyError:
         return ""
 
