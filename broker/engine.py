@@ -10,6 +10,7 @@ Tenant-facing ids never reach here: sessions translate them to the global ids be
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -157,6 +158,18 @@ def check_kernel_specs(kernels: tuple[KernelSpec, ...]) -> dict[str, KernelSpec]
     return out
 
 
+_SHM_FILESYSTEMS = (0x01021994, 0x958458F6)  # TMPFS_MAGIC (shm_open, memfd), HUGETLBFS_MAGIC
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fs_type(fd: int) -> int:
+    """``f_type`` of the filesystem holding ``fd`` (fstatfs), or -1 when it cannot be read."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field (a long)
+    if _libc.fstatfs(fd, buf) != 0:
+        return -1
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def _copy_range(src: int, dst: int, nbytes: int, offset: int) -> int:
     """Copy from a tenant's segment by file I/O: a truncated segment reads short, never SIGBUS."""
     done = 0
@@ -194,6 +207,8 @@ class Engine:
         # sockets, logs and name lookups, so one tenant's arenas can never starve the broker.
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.fd_budget = max(16, nofile - min(1024, nofile // 4))
+        # No tenant may take more than half of it, whatever max_tenant_arenas says.
+        self.tenant_arena_limit = min(config.max_tenant_arenas, max(8, self.fd_budget // 2))
 
     # -- lifecycle -----------------------------------------------------------------------
     def _new_worker(self, device: str) -> WorkerHandle:
@@ -293,16 +308,17 @@ class Engine:
                              tenant: TenantState | None = None) -> ArenaRecord:
         """Check and map a tenant's segment on every device. Takes ownership of ``fd``."""
         try:
+            if tenant is not None and tenant.arenas >= self.tenant_arena_limit:
+                raise errors.QuotaExceeded(f"tenant holds {tenant.arenas} arenas (limit {self.tenant_arena_limit})",
+                                           detail={"limit": self.tenant_arena_limit})
             if len(self.arenas) + len(self.residents) >= self.fd_budget:
-                raise errors.QuotaExceeded(
-                    f"the broker holds {len(self.arenas)} arenas and {len(self.residents)} residents, all the file "
-                    f"descriptors it can spare ({self.fd_budget})", detail={"limit": self.fd_budget})
-            if tenant is not None and tenant.arenas >= self.config.max_tenant_arenas:
-                raise errors.QuotaExceeded(f"tenant holds {tenant.arenas} arenas (limit {self.config.max_tenant_arenas})",
-                                           detail={"limit": self.config.max_tenant_arenas})
+                # Says nothing of how many others hold: that is other tenants' business.
+                raise errors.QuotaExceeded("the broker cannot take more arenas now; try again later")
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise errors.InvalidArena("the file descriptor is not a shared-memory segment")
+            if not stat.S_ISREG(st.st_mode) or _fs_type(fd) not in _SHM_FILESYSTEMS:
+                # Only memory-backed files: a file on a filesystem the tenant serves (FUSE, NFS)
+                # could block a worker's reads forever.
+                raise errors.InvalidArena("the file descriptor is not a shared-memory segment (tmpfs or hugetlbfs)")
             if st.st_uid != uid:
                 raise errors.InvalidArena(f"the segment is owned by uid {st.st_uid}, not by the tenant (uid {uid})")
             if size <= 0 or st.st_size < size:
@@ -414,8 +430,7 @@ class Engine:
         if rec is not None:
             return rec, True
         if len(self.arenas) + len(self.residents) >= self.fd_budget:
-            raise errors.QuotaExceeded(f"the broker holds all the file descriptors it can spare ({self.fd_budget})",
-                                       detail={"limit": self.fd_budget})
+            raise errors.QuotaExceeded("the broker cannot take more resident buffers now; try again later")
         fd = os.memfd_create("kaas-resident", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, nbytes)

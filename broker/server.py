@@ -129,11 +129,9 @@ class Connection:
         self.loop.remove_reader(fileno)
         if self._writing:
             self.loop.remove_writer(fileno)
-        if self._out:
+        if self._out:  # one non-blocking try (a last error reply, say); never stall the loop
             with contextlib.suppress(OSError):
-                self.sock.setblocking(True)
-                self.sock.settimeout(0.5)
-                self.sock.sendall(self._out)
+                self.sock.send(self._out)
         self._out.clear()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -219,8 +220,8 @@ class Session:
             if len(self._resolved) >= _RESOLVED_CACHE:
                 self._resolved.clear()
             self._resolved[msg.graph] = (gens, resolved)
-        if msg.timeout < 0:
-            raise errors.InvalidArgument(f"timeout must be >= 0, got {msg.timeout}")
+        if not math.isfinite(msg.timeout) or msg.timeout < 0:
+            raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {msg.timeout}")
         fut = self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
                                  trace_from=self.recv_stamp if msg.trace else 0.0)
         self._futures[req] = fut

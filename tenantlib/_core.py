@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,8 +155,8 @@ class ClientCore:
 
     # -- graphs ------------------------------------------------------------------------------
     def run_msg(self, graph: Graph, timeout: float | None, trace: bool = False) -> RunGraph:
-        if timeout is not None and timeout <= 0:
-            raise errors.InvalidArgument(f"timeout must be positive, got {timeout}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
         return RunGraph(self.next_req(), graph.spec(self.locate), float(timeout or 0.0), trace)
 
     @staticmethod

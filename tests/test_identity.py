@@ -11,8 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import select
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -148,10 +153,19 @@ def spawn() -> Iterator[Callable[..., Child]]:
         c.close()
 
 
+def share_socket(path: str) -> None:
+    """Make the socket's directory traversable by other uids (the socket itself must be 0o666)."""
+    parent = os.path.dirname(path)
+    os.chmod(parent, 0o755)
+    for d in Path(parent).parents:
+        if not os.stat(d).st_mode & 0o001:
+            pytest.skip(f"{d} is not traversable by other uids, so tenants as uid {NOBODY} cannot reach "
+                        f"the broker's socket {path}")
+    assert os.stat(path).st_mode & 0o777 == 0o666
+
+
 def open_to_all(b: BrokerProcess) -> BrokerProcess:
-    """Make the socket's directory traversable by other uids (the socket itself is 0o666)."""
-    os.chmod(os.path.dirname(b.socket), 0o755)
-    assert os.stat(b.socket).st_mode & 0o777 == 0o666
+    share_socket(b.socket)
     return b
 
 
@@ -285,14 +299,15 @@ def test_residents_and_libraries_are_private_to_a_uid(shared_broker: BrokerProce
     owner = spawn(NOBODY, holder, path)
     held = owner.recv()
     assert held["ok"], held
-    # Another process of the same uid is the same tenant: the handles work for it.
-    ally = spawn(NOBODY, try_foreign, path, held["library"], held["resident"]).recv()
-    assert ally["tenant"] == held["tenant"]
-    assert ally["library"] == {"ok": True} and ally["resident"] == {"ok": True}, ally
     # Another uid: refused exactly as if the ids had been made up.
     stranger = spawn(OTHER, try_foreign, path, held["library"], held["resident"]).recv()
+    # Another process of the same uid is the same tenant: the handles still work for it (and
+    # releasing the resident works, so the stranger's release attempt had not removed it).
+    ally = spawn(NOBODY, try_foreign, path, held["library"], held["resident"]).recv()
     owner.tell("done")
     assert owner.join() == 0
+    assert ally["tenant"] == held["tenant"]
+    assert ally["library"] == ally["resident"] == ally["release"] == {"ok": True}, ally
     assert stranger["tenant"] != held["tenant"]
     assert stranger["library"]["code"] == "unknown_library", stranger
     assert stranger["resident"]["code"] == "unknown_resident", stranger
@@ -354,3 +369,175 @@ def test_refused_unknown_uids(tmp_path: Path, broker_env: dict[str, str], spawn:
             r.close()
     finally:
         b.stop()
+    assert not b.problems(), "the broker logged problems:\n" + "\n".join(b.problems())
+
+
+def register_private(child: Child, path: str) -> None:
+    """Register PRIVATE_SOURCE, report whether the broker called it cached, hold it until told."""
+    with tenantlib.connect(path, timeout=30) as c:
+        lib = c.library(PRIVATE_SOURCE, kernels=K.KERNELS, name="private")
+        child.send({"tenant": c.tenant, "library": lib.digest, "cached": lib.cached})
+        child.wait()
+
+
+def test_library_cache_does_not_reveal_other_tenants(shared_broker: BrokerProcess,
+                                                     spawn: Callable[..., Child]) -> None:
+    """Regression: `cached` was True when another tenant had registered the same bytes."""
+    first = spawn(NOBODY, register_private, shared_broker.socket)
+    a = first.recv()
+    second = spawn(OTHER, register_private, shared_broker.socket)
+    b = second.recv()
+    first.tell("done")
+    second.tell("done")
+    assert a["cached"] is False and a["tenant"] != b["tenant"]
+    assert a["library"] == b["library"]  # content-addressed: the same digest for both
+    assert b["cached"] is False, "the second tenant was told another tenant holds this library"
+
+
+def tenant_name(child: Child, path: str) -> None:
+    """Connect and report only which tenant the broker made of us (or the typed refusal)."""
+    try:
+        with tenantlib.connect(path, timeout=30) as c:
+            child.send({"tenant": c.tenant})
+    except errors.KaasError as exc:
+        child.send({"refused": error_info(exc)})
+
+
+
+class LimitedBroker:
+    """A broker process whose RLIMIT_NOFILE (soft and hard) is ``nofile``, socket open to all uids.
+
+    BrokerProcess cannot lower a child's hard limit (and the tests may not raise their own back),
+    so this starts ``python -m broker`` itself.
+    """
+
+    def __init__(self, config: str, env: dict[str, str], nofile: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kaas-limited-")
+        os.chmod(self.dir, 0o755)
+        self.socket = os.path.join(self.dir, "broker.sock")
+        cfg = os.path.join(self.dir, "broker.toml")
+        Path(cfg).write_text(config)
+        self.log_path = os.path.join(self.dir, "broker.log")
+        self._log = open(self.log_path, "ab")  # closed in stop()
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "--socket", self.socket, "--device", "cpu", "--config", cfg],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=limit)
+        end = time.monotonic() + DEADLINE
+        while True:  # serving once a hello gets any answer
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                RawConnection(self.socket).close()
+                break
+            except (OSError, AssertionError):
+                if time.monotonic() > end:
+                    self.stop()
+                    raise RuntimeError(f"broker did not start:\n{self.log()}") from None
+                time.sleep(0.05)
+        share_socket(self.socket)
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def problems(self) -> list[str]:
+        return [ln for ln in self.log().splitlines()
+                if '"level": "error"' in ln or '"level": "critical"' in ln or ln.startswith("Traceback")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def limited_broker(broker_env: dict[str, str]) -> Iterator[Callable[[str, int], LimitedBroker]]:
+    started: list[LimitedBroker] = []
+
+    def start(config: str, nofile: int) -> LimitedBroker:
+        b = LimitedBroker(config, broker_env, nofile)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
+    problems = [p for b in started for p in b.problems()]
+    for b in started:
+        shutil.rmtree(b.dir, ignore_errors=True)
+    assert not problems, "the broker logged problems:\n" + "\n".join(problems)
+
+
+Flood = Callable[[str], "P.Error | None"]
+
+
+@pytest.fixture
+def flood() -> Iterator[Flood]:
+    """``flood(path)``: as root, register small arenas until the broker refuses one (returned).
+
+    The flooding connections stay open (holding their arenas) until the end of the test.
+    """
+    conns: list[RawConnection] = []
+
+    def run(path: str, most: int = 5000) -> P.Error | None:
+        r = RawConnection(path)
+        conns.append(r)
+        for req in range(1, most + 1):
+            fd = os.memfd_create("kaas-flood", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, 4096)
+                r.send(P.RegisterArena(req, 4096), fd=fd)
+            finally:
+                os.close(fd)
+            reply = r.recv()
+            if isinstance(reply, P.Error):
+                return reply
+        return None
+
+    yield run
+    for r in conns:
+        r.close()
+
+
+def register_one_arena(child: Child, path: str) -> None:
+    """Connect, register one arena, run a vadd: report the tenant and what happened."""
+    try:
+        with tenantlib.connect(path, timeout=30) as c:
+            try:
+                c.arena(4096)
+                child.send({"tenant": c.tenant, "arena": "ok", "vadd_ok": vadd(c, K.library(c))})
+            except errors.KaasError as exc:
+                child.send({"tenant": c.tenant, "arena": error_info(exc)})
+    except errors.KaasError as exc:
+        child.send({"refused": error_info(exc)})
+
+
+def test_identity_holds_when_the_broker_is_short_of_fds(limited_broker: Callable[[str, int], LimitedBroker],
+                                                         spawn: Callable[..., Child], flood: Flood) -> None:
+    """Regression: a failed user-name lookup (pwd.getpwuid: KeyError, e.g. with no fd left for NSS)
+    was taken for 'no such user', so a `user =` rule stopped matching and the peer silently became
+    the default tenant 'uid:N'. Now the broker keeps fds in reserve and remembers names it found."""
+    b = limited_broker(SHARED_SOCKET + '[[tenants]]\nname = "team-nobody"\nuser = "nobody"\n', 512)
+    assert spawn(OTHER, tenant_name, b.socket).recv()["tenant"] == f"uid:{OTHER}"
+    refused = flood(b.socket)  # root takes every arena the broker will give
+    assert refused is not None and refused.code in ("quota_exceeded", "too_many_requests"), refused
+    got = spawn(NOBODY, tenant_name, b.socket).recv()  # nobody's first connection: no cached name
+    assert got == {"tenant": "team-nobody"} or "refused" in got, got
+
+
+def test_one_tenant_cannot_take_every_arena(limited_broker: Callable[[str, int], LimitedBroker],
+                                            spawn: Callable[..., Child], flood: Flood) -> None:
+    b = limited_broker(SHARED_SOCKET, 1024)
+    refused = flood(b.socket)
+    assert refused is not None and issubclass(errors.error_class(refused.code), errors.QuotaError), refused
+    victim = spawn(NOBODY, register_one_arena, b.socket).recv()
+    assert victim["tenant"] == "user:nobody"
+    assert victim["arena"] == "ok" and victim["vadd_ok"], victim
