@@ -329,3 +329,13 @@ def test_resubmitted_graph_is_revalidated_after_its_arena_goes(broker: BrokerPro
         assert isinstance(replies[6], P.Error) and replies[6].code in ("arena_closed", "unknown_arena")
     finally:
         raw.close()
+
+
+def test_kaas_bench_fuzz_smoke(broker: BrokerProcess) -> None:
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "fuzz", "--socket", broker.socket, "--cases", "1500",
+                          "--check-every", "500", "--seed", "7", "--json"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert sum(res["outcomes"].values()) == 1500
+    assert res["outcomes"].get("GraphDone", 0) > 0 and res["outcomes"].get("malformed_frame", 0) > 0

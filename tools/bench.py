@@ -2,6 +2,7 @@
 
     kaas-bench latency   [--device auto] [--iterations N] [--tenants K] [--json] [--plot PNG]
     kaas-bench bandwidth [--device auto] [--min-size 4K] [--max-size 1G] [--json] [--plot PNG]
+    kaas-bench fuzz      [--device cpu] [--cases N] [--seed S] [--json]
 
 Each starts its own broker on ``--device`` unless ``--socket`` names a running one.
 ``latency`` times the null graph (one empty kernel, no buffers) round trip from K tenant
@@ -254,6 +255,25 @@ def cmd_bandwidth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from tools import fuzz
+
+    with _broker(args) as sock:
+        print(f"fuzzing the broker with {args.cases} cases (seed {args.seed}) ...", file=sys.stderr, flush=True)
+        try:
+            result = fuzz.run(sock, args.cases, args.seed, args.check_every)
+        except AssertionError as exc:
+            print(f"kaas-bench fuzz: FAILED: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['cases']} cases in {result['seconds']:.1f} s, every reply typed, broker healthy throughout")
+        for code, n in sorted(result["outcomes"].items(), key=lambda kv: -kv[1]):
+            print(f"  {code:<28} {n:>8}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kaas-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -281,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     bw.add_argument("--seconds", type=float, default=0.5, help="time per size")
     bw.add_argument("--min-iterations", type=int, default=5)
     bw.set_defaults(func=cmd_bandwidth)
+
+    fz = sub.add_parser("fuzz", help="hostile frames and graphs against a broker; every reply must be typed")
+    common(fz)
+    fz.add_argument("--cases", type=int, default=10_000)
+    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument("--check-every", type=int, default=1000, help="run a healthy tenant's graph this often")
+    fz.set_defaults(func=cmd_fuzz, device="cpu")
 
     args = p.parse_args(argv)
     for name in ("iterations", "tenants"):
