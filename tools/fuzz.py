@@ -160,7 +160,8 @@ class Fuzzer:
         elif what == 2:
             k = r.randrange(2)
             args = list(kernels[k].args)
-            args[r.randrange(len(args))] = r.choice([self._lit(), P.Buf(r.randint(-1, 5))])
+            new: P.Buf | P.Lit = self._lit() if r.random() < 0.5 else P.Buf(r.randint(-1, 5))
+            args[r.randrange(len(args))] = new
             kernels[k] = msgspec.structs.replace(kernels[k], args=tuple(args))
         elif what == 3:
             kernels[0] = msgspec.structs.replace(kernels[0], deps=(1,))  # a cycle with kernel 1's dep on 0
