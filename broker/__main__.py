@@ -9,16 +9,18 @@ import argparse
 import asyncio
 import resource
 import signal
+import socket
 import subprocess
 import sys
 
 import structlog
 
-from . import __version__
+from . import __version__, systemd
 from . import log as kaas_log
 from .config import Config, ConfigError, load
 from .engine import Engine
 from .graph import Limits
+from .metrics import Metrics, serve_metrics
 from .server import Server
 
 logger = structlog.get_logger("kaas.broker")
@@ -65,25 +67,51 @@ def parse_devices(spec: str, count_cuda: object = cuda_device_count) -> list[str
     return [f"{kind}:{i}" for i in idx]
 
 
-async def serve(config: Config, devices: list[str], *, ready: asyncio.Event | None = None) -> int:
-    engine = Engine(config, devices)
+async def serve(config: Config, devices: list[str], *, sock: socket.socket | None = None,
+                ready: asyncio.Event | None = None) -> int:
+    """Run the broker until SIGTERM/SIGINT. ``sock``: a listening socket handed over by systemd."""
+    notifier = systemd.Notifier()
+    notifier.status(f"starting device workers: {', '.join(devices)}")
+    metrics = Metrics()
+    engine = Engine(config, devices, metrics)
     await engine.start()
     server = Server(config, engine, limits=Limits(max_graph_bytes=engine.max_graph_bytes()))
-    await server.start()
+    await server.start(sock)
+    path = sock.getsockname() if sock is not None else config.socket
+    def on_scrape(m: Metrics) -> None:
+        engine.scrape(m)
+        m.set_active_sessions(len(server.connections))
+
+    metrics.on_scrape(on_scrape)
+    msrv = None
+    if config.metrics_port or config.metrics_socket:
+        msrv = await serve_metrics(metrics, port=config.metrics_port or None, host=config.metrics_host,
+                                   unix_path=config.metrics_socket or None)
+    dog = None
+    interval = systemd.watchdog_interval()
+    if interval:
+        dog = systemd.Watchdog(notifier, interval)
+        dog.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"kaas-broker {__version__}: listening on {config.socket} with {', '.join(devices)}", file=sys.stderr,
-          flush=True)
+    print(f"kaas-broker {__version__}: listening on {path} with {', '.join(devices)}", file=sys.stderr, flush=True)
+    notifier.ready(f"serving {', '.join(devices)} on {path}")
     if ready is not None:
         ready.set()
     try:
         await stop.wait()
     finally:
         logger.info("stopping")
+        notifier.stopping(f"stopping: {len(server.connections)} sessions")
+        if msrv is not None:
+            msrv.close()
         await server.close()
         await engine.stop()
+        if dog is not None:
+            dog.stop()
+        notifier.close()
     return 0
 
 
@@ -111,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         kaas_log.configure(config.log_format, config.log_level)
         devices = parse_devices(config.device)
         raise_fd_limit()
+        inherited = systemd.listen_fds()  # socket activation: take it before any child starts
+        if len(inherited) > 1:
+            raise ConfigError(f"systemd passed {len(inherited)} sockets; kaas-broker listens on exactly one")
     except ConfigError as exc:
         print(f"kaas-broker: {exc}", file=sys.stderr)
         return 2
@@ -121,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as a fallback
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        return runner(serve(config, devices))
+        return runner(serve(config, devices, sock=inherited[0] if inherited else None))
     except OSError as exc:
         print(f"kaas-broker: {exc}", file=sys.stderr)
         return 1

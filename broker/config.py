@@ -51,6 +51,9 @@ class Config:
     max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
+    metrics_port: int = 0                 # Prometheus /metrics on metrics_host:port; 0: off
+    metrics_host: str = "127.0.0.1"
+    metrics_socket: str = ""              # or on this unix socket; "": off
     log_format: str = "auto"              # auto | json | console
     log_level: str = "info"
     unknown_tenants: str = "admit"        # admit | refuse
@@ -98,6 +101,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if key.endswith("spin_us"):
         if isinstance(value, int) and value < -1:
             raise ConfigError(f"config: {key} = {value} must be -1 (auto), 0 (off) or a number of microseconds")
+    elif key == "metrics_port":
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"config: metrics_port = {value} is not a TCP port (0 turns metrics off)")
     elif isinstance(value, int) and not isinstance(value, bool) and key != "socket_mode" and value <= 0:
         raise ConfigError(f"config: {key} = {value} must be positive")
     return value

@@ -29,6 +29,7 @@ import structlog
 from . import errors
 from .config import Config
 from .graph import ResidentRef, Resolved
+from .metrics import Metrics
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
 from .scheduler import Job, Scheduler
 from .streams.wire import (
@@ -183,8 +184,9 @@ def _copy_range(src: int, dst: int, nbytes: int, offset: int) -> int:
 
 
 class Engine:
-    def __init__(self, config: Config, devices: list[str]) -> None:
+    def __init__(self, config: Config, devices: list[str], metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.devices = list(devices)
         lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
         self.workers: dict[str, WorkerHandle] = {d: self._new_worker(d) for d in devices}
@@ -271,10 +273,24 @@ class Engine:
                 delay = min(delay * 2, 5.0)
                 continue
             self.stats["worker_restarts"] += 1
+            self.metrics.worker_restarted(device)
             self.scheduler.set_down(device, False)
             log.info("worker_respawned", device=device, pid=w.pid)
             self._pump()
             return
+
+    def scrape(self, metrics: Metrics) -> None:
+        """Fill the gauges a scrape reports (called by the metrics server before each scrape)."""
+        depth: dict[str, int] = {}
+        for p in self._pending.values():
+            if not p.dispatched:
+                depth[p.job.tenant] = depth.get(p.job.tenant, 0) + 1
+        metrics.set_queue_depths(depth)
+        held: dict[tuple[str, str], int] = {}
+        for r in self.residents.values():
+            for d in r.devices:
+                held[(r.tenant, d)] = held.get((r.tenant, d), 0) + r.nbytes
+        metrics.set_resident_bytes(held)
 
     def max_graph_bytes(self) -> int:
         """Device memory one graph may use: what the smallest device can hold, less headroom."""
@@ -543,6 +559,7 @@ class Engine:
                 w.send(WPutResident(w.next_seq(), r.gid, r.nbytes), r.fd).add_done_callback(
                     functools.partial(self._put_done, r, device))
                 self.stats["resident_puts"] += 1
+                self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
         if p.trace is not None:
             p.trace.append(time.perf_counter())
         fut = w.send(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority, p.trace is not None))
@@ -568,15 +585,19 @@ class Engine:
         if p is not None:
             self._release_uses(p)
             if not p.future.done():
+                tm = self.metrics.tenant(p.job.tenant)
                 if reply is not None and not reply.code:
                     t = reply.timings or Timings()
                     self.stats["graphs"] += 1
+                    tm.graph_done(device, now - p.submitted, t.kernels, p.resolved.input_bytes,
+                                  p.resolved.output_bytes)
                     trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
                     p.future.set_result(GraphResult(device, Timings(
                         queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
                         copy_out=t.copy_out, total=now - p.submitted), trace))
                 else:
                     self.stats["graph_errors"] += 1
+                    tm.charge(device, device_time)
                     if reply is not None:
                         exc = errors.from_wire(reply.code, reply.message, reply.detail)
                     p.future.set_exception(exc or errors.InternalError("graph ended without a result"))

@@ -177,6 +177,8 @@ class Server:
             os.chmod(self.path, self.config.socket_mode)
             sock.listen(512)
             self._owns_path = True
+        else:
+            self.path = sock.getsockname()  # inherited (systemd socket activation): systemd owns the path
         sock.setblocking(False)
         self.sock = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)

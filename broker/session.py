@@ -304,6 +304,7 @@ class Session:
     def reply_error(self, req: int, exc: errors.KaasError) -> None:
         if not self.closed:
             self.log.info("request_refused", req=req, code=exc.code)
+            self.engine.metrics.tenant(self.tenant.name if self.tenant else "(handshake)").error(exc.code)
             self._send(error_frame(req, exc))
 
     def status(self) -> dict[str, Any]:
