@@ -25,12 +25,13 @@ is failed and the backend is poisoned the same way.
 
 A graph's *shape* (its kernels with grid, block, shared memory and literal arguments; the
 kind and size of each buffer) is planned once: layout, copies and packed launch arguments
-are cached per shape, and a submission only resolves its addresses.  With CUDA graphs on,
-the second run of a shape on a lane captures steps 2-4 and the stage events into a CUDA
-graph, and later runs replay it with one ``cuGraphLaunch``, first pointing its memcpy nodes
-at the run's arena slices where they moved (``cuGraphExecMemcpyNodeSetParams``) or, where
-device addresses moved, capturing anew into ``cuGraphExecUpdate``.  Replay is what the
-self-check measures faster: see ``_AUTO_MIN_KERNELS`` for "auto".
+are cached per shape, and a submission only resolves its addresses.  With CUDA graphs on
+(``cuda_graphs`` / ``KAAS_CUDA_GRAPHS``), from the second run of a shape each lane captures
+steps 2-4 and the stage events into a CUDA graph once, and later runs on that lane replay
+it with one ``cuGraphLaunch``, first pointing its memcpy nodes at the run's arena slices
+where they moved (``cuGraphExecMemcpyNodeSetParams``) or, where device addresses moved,
+capturing anew into ``cuGraphExecUpdate``.  "auto" replays where the self-check measured
+it faster: see ``_AUTO_MIN_KERNELS``.
 """
 
 from __future__ import annotations
@@ -95,12 +96,20 @@ _Q = struct.Struct("<Q")
 # CUDA graph replay.  The run of a shape (counted per device) from which a lane captures it:
 # the first runs directly, as most shapes are never submitted twice.
 _CAPTURE_AT = 2
-# "auto" replays shapes with at least this many kernels whose memory is a lane slab (so
-# that device addresses stay put); below it direct launches measured as fast (see the
-# self-check's --sweep).
+# "auto", from the self-check's --sweep on an H100 (submit+poll p50, ways interleaved): a
+# replay whose addresses still hold beats direct launches at every kernel count (null
+# kernel: 15.7 vs 18.2 us; 1 kernel with 1-KiB copies: 32.5 vs 34.2; 20 kernels: 64 vs 152).
+# Re-pointing moved memcpy nodes (cuGraphExecMemcpyNodeSetParams) does not pay for itself
+# with one kernel (49.2 vs 45.9 us) and does from two on (2: 49.8 vs 51.9; 3: 46.2 vs 53.9;
+# 20: 73 vs 157): "auto" updates moved arena slices only for graphs of at least this many
+# kernels, and runs the others directly.  Moved device addresses (a pool allocation
+# elsewhere, a resident put again) need a new capture and cuGraphExecUpdate, which costs
+# about what it saves at best (20 kernels: 154 vs 157 us; 1 kernel: 89 vs 46): "auto" runs
+# those directly.  The one capture of a shape per lane costs a run of 146 us (1 kernel) to
+# 363 us (20 kernels).
 _AUTO_MIN_KERNELS = 2
 _CAPTURE_MODE = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
-_RECORD_EXTERNAL = driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL
+_RECORD_EXTERNAL = int(driver.CUevent_record_flags.CU_EVENT_RECORD_EXTERNAL)
 _MEM_HOST = driver.CUmemorytype.CU_MEMORYTYPE_HOST
 _MEM_DEVICE = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
 
@@ -250,7 +259,7 @@ class _Shape:
     # after kernels; 3 only after a copy-out.  A stage without its event reports 0.0 seconds.
     pre: bool  # event 1 is recorded
     end: int  # the last event recorded: poll asks it
-    auto: bool  # "auto" replays this shape (see _AUTO_MIN_KERNELS)
+    auto: bool  # "auto" re-points moved memcpy nodes of this shape (see _AUTO_MIN_KERNELS)
     starts: int = 0  # runs started (any lane): the _CAPTURE_AT-th and later may be captured
     used: int = 0  # clock of the last submission, for the shape cache's LRU order
     refused: bool = False  # a capture or a run of it failed: launched directly from now on
@@ -674,7 +683,6 @@ class CudaBackend(Backend):
         _check(driver.cuMemFree(r.ptr), f"freeing resident {resident}")
 
     @_guarded
-    @_guarded
     def submit(self, token: int, graph: ExecGraph, deadline: float, priority: int) -> None:
         """Queue ``graph``; raises only when it is refused up front (then no Completion follows).
 
@@ -876,10 +884,10 @@ class CudaBackend(Backend):
                     run.base = base
             mode = self._mode
             launched = False
-            if mode and shape.launches and not shape.refused and (mode == _ON or (small and shape.auto)):
+            if mode and shape.launches and not shape.refused:
                 rp = shape.replays.get(lane.index)
                 if rp is not None:
-                    launched = self._replay(run, rp, base)
+                    launched = self._replay(run, rp, base, mode == _ON)
                 elif shape.starts >= _CAPTURE_AT and self.graph_cache:
                     launched = self._capture(run, lane, base)
             if not launched:
@@ -1013,18 +1021,22 @@ class CudaBackend(Backend):
         for rp in list(shape.replays.values()):
             self._destroy_replay(rp)
 
-    def _replay(self, run: _Run, rp: _Replay, base: int) -> bool:
+    def _replay(self, run: _Run, rp: _Replay, base: int, always: bool) -> bool:
         """Launch the lane's instantiated graph of this shape, after updating what moved.
 
-        False when it could not be updated: the caller then enqueues the work directly.
+        False when the caller is to enqueue the work directly: the graph could not be
+        updated, or (unless ``always``) updating it costs more than it saves (see
+        _AUTO_MIN_KERNELS); the graph is kept for runs whose addresses hold.
         """
         self._replays.move_to_end(rp)
         if base != rp.base or run.resident_ptrs != rp.residents:
             # Device addresses in kernel arguments moved (a pool allocation, a resident put
             # again): capture anew and update the instantiated graph from that.
-            if not self._update_by_capture(run, rp, base):
+            if not always or not self._update_by_capture(run, rp, base):
                 return False
         elif run.hosts != rp.hosts:
+            if not always and not rp.shape.auto:
+                return False
             if not (self._update_by_capture(run, rp, base) if self.graph_update == "capture"
                     else self._update_nodes(run, rp)):
                 return False
@@ -1406,7 +1418,8 @@ def _selfcheck(argv: list[str] | None = None) -> int:
         for way in ("lane slab", "pool", "lane slab", "pool"):  # the second round of each is kept
             backend.lane_slab = slab if way == "lane slab" else 0
             out[f"backend_graph_us ({way})"] = _graph_latency(
-                backend, [tiny], min(args.iterations, 5000), us, "submit+poll: 1 KiB in, 1 KiB out, one null kernel")
+                backend, [tiny], min(args.iterations, 5000), us,
+                f"submit+poll: 1 KiB in, 1 KiB out, one null kernel (cuda_graphs={backend.cuda_graphs})")
         backend.lane_slab = slab
         out["cuda_graphs"] = _replay_report(backend, min(args.iterations, 5000), us, args.sweep)
         out["launch_call_us"] = _launch_costs(backend, min(args.iterations, 20000))
@@ -1457,6 +1470,44 @@ def _graph_latency(backend: CudaBackend, graphs: list[ExecGraph], iterations: in
             "what": what}
 
 
+def _compare(backend: CudaBackend, ways: dict[str, tuple[str, str, list[ExecGraph]]], iterations: int,
+             us: Callable[[list[float]], dict[str, float]], chunk: int = 50) -> dict[str, dict[str, float]]:
+    """submit+poll of several ways (label: cuda_graphs mode, graph_update, graphs in turn), interleaved.
+
+    The ways take turns in chunks of ``chunk`` runs, so that drift of the host (clocks,
+    neighbours) spreads over all of them instead of favouring whichever ran in a quiet moment.
+    """
+    lat: dict[str, list[float]] = {label: [] for label in ways}
+    enqueue: dict[str, list[float]] = {label: [] for label in ways}
+    kernels: dict[str, list[float]] = {label: [] for label in ways}
+    turn = dict.fromkeys(ways, 0)
+    clock = time.perf_counter
+    for rnd in range(-2, max(1, iterations // chunk)):  # two rounds of warm-up
+        for label, (mode, update, graphs) in ways.items():
+            backend.cuda_graphs = mode
+            backend.graph_update = update
+            for _ in range(chunk):
+                graph = graphs[turn[label] % len(graphs)]
+                turn[label] += 1
+                t0 = clock()
+                backend.submit(1, graph, 0.0, 0)
+                t1 = clock()
+                done: list[Completion] = []
+                while not done:
+                    done = backend.poll()
+                t2 = clock()
+                timings = done[0].timings
+                if done[0].error is not None or timings is None:
+                    raise done[0].error or errors.InternalError("no timings")
+                if rnd >= 0:
+                    lat[label].append(t2 - t0)
+                    enqueue[label].append(t1 - t0)
+                    kernels[label].append(timings.kernels)
+    backend.graph_update = "nodes"
+    return {label: {**us(lat[label]), "submit_p50": us(enqueue[label])["p50"],
+                    "gpu_kernels_p50": us(kernels[label])["p50"]} for label in ways}
+
+
 _REPLAY_SOURCE = _NULL_SOURCE + b"""
 extern "C" __global__ void kaas_sc_vadd(const float* a, const float* b, float* c, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1492,23 +1543,18 @@ def _replay_report(backend: CudaBackend, iterations: int, us: Callable[[list[flo
     def vadd(x: int, y: int, z: int) -> ExecKernel:
         return ExecKernel(lib, "kaas_sc_vadd", (1, 1, 1), (256, 1, 1), 0, (Buf(x), Buf(y), Buf(z), Lit("i32", n)))
 
-    def chain(length: int, arena: int = 11, at: int = 0) -> ExecGraph:
-        return ExecGraph(buffers(arena, at), (vadd(0, 1, 2),) + (vadd(2, 1, 2),) * (length - 1))
+    def chain(length: int, arena: int = 11, at: int = 0, count: int = n) -> ExecGraph:
+        first = ExecKernel(lib, "kaas_sc_vadd", (1, 1, 1), (256, 1, 1), 0, (Buf(0), Buf(1), Buf(2), Lit("i32", count)))
+        return ExecGraph(buffers(arena, at), (first,) + (vadd(2, 1, 2),) * (length - 1))
 
     null_kernel = ExecKernel(lib, "kaas_direct_null", (1, 1, 1), (1, 1, 1), 0, ())
     graphs = {"null": ExecGraph((), (null_kernel,)), "vadd_1KiB": chain(1), "chain20": chain(20)}
-    rounds = ("off", "on", "auto") * 2  # the second round of each mode is kept
     result: dict[str, Any] = {}
     saved = backend.cuda_graphs
     try:
         for name, graph in graphs.items():
-            rows: dict[str, Any] = {}
-            for mode in rounds:
-                backend.cuda_graphs = mode
-                rows[mode] = _graph_latency(backend, [graph], iterations, us, f"submit+poll, {name}")
-            result[name] = {mode: {"p50": r["p50"], "p99": r["p99"], "submit_p50": r["submit"]["p50"],
-                                   "gpu_kernels_p50": r["device_kernels"]["p50"],
-                                   "gpu_total_p50": r["device_total"]["p50"]} for mode, r in rows.items()}
+            result[name] = _compare(backend, {mode: (mode, "nodes", [graph]) for mode in ("off", "on", "auto")},
+                                    iterations, us)
         # The 20-kernel chain gives the same numbers both ways, on fresh data.
         rng = np.random.default_rng()
         a, b, c = (np.frombuffer(maps[11], np.float32, n, 4096 * i) for i in range(3))
@@ -1524,7 +1570,8 @@ def _replay_report(backend: CudaBackend, iterations: int, us: Callable[[list[flo
                 if not np.array_equal(c, want):
                     raise errors.InternalError(f"20-kernel chain with cuda_graphs={mode} computed a wrong result")
         del a, b, c
-        result["chain20"]["same_result_both_ways"] = True
+        result["chain20_same_result_both_ways"] = True
+        result["chain20_gpu_kernels_p50_us"] = {mode: result["chain20"][mode]["gpu_kernels_p50"] for mode in ("off", "on")}
         if sweep:
             result["sweep"] = _replay_sweep(backend, iterations // 2, us, chain, null_kernel)
         result["stats"] = dict(backend.graph_stats)
@@ -1541,30 +1588,38 @@ def _replay_sweep(backend: CudaBackend, iterations: int, us: Callable[[list[floa
     """submit+poll p50 direct vs replayed: by chain length, with moving arenas, with pool memory."""
     out: dict[str, Any] = {}
 
-    def p50(graphs: list[ExecGraph], mode: str, update: str = "nodes") -> float:
-        backend.cuda_graphs = mode
-        backend.graph_update = update
-        _graph_latency(backend, graphs, iterations // 4, us, "")  # warm
-        return float(_graph_latency(backend, graphs, iterations, us, "")["p50"])
+    def p50(ways: dict[str, tuple[str, str, list[ExecGraph]]]) -> dict[str, float]:
+        return {label: round(r["p50"], 2) for label, r in _compare(backend, ways, iterations, us).items()}
 
     for name, make in (("vadd_chain", chain), ("null_chain", lambda k: ExecGraph((), (null_kernel,) * k))):
-        rows: dict[str, dict[str, float]] = {}
-        for k in (1, 2, 3, 4, 6, 8, 12, 20):
-            g = [make(k)]
-            rows[str(k)] = {"off": p50(g, "off"), "on": p50(g, "on")}
-        out[f"{name}_p50_us"] = rows
+        out[f"{name}_p50_us"] = {
+            str(k): p50({"off": ("off", "nodes", [make(k)]), "on": ("on", "nodes", [make(k)])})
+            for k in (1, 2, 3, 4, 6, 8, 12, 20)}
     moving: dict[str, Any] = {}
-    for k in (1, 20):
+    for k in (1, 2, 3, 20):
         # Four different host addresses for one shape, in turn: two arenas, two offsets each.
         g = [chain(k, arena, at) for arena in (11, 12) for at in (0, 16384)]
-        moving[str(k)] = {"off": p50(g, "off"), "on (set memcpy nodes)": p50(g, "on", "nodes"),
-                     "on (capture + cuGraphExecUpdate)": p50(g, "on", "capture")}
-    backend.graph_update = "nodes"
+        moving[str(k)] = p50({"off": ("off", "nodes", g), "on (set memcpy nodes)": ("on", "nodes", g),
+                              "on (capture + cuGraphExecUpdate)": ("on", "capture", g), "auto": ("auto", "nodes", g)})
     out["moving_arenas_p50_us"] = moving
+    # What the one capture of a shape costs: the second run of 40 new shapes each (submit+poll).
+    backend.cuda_graphs = "on"
+    capture: dict[str, Any] = {}
+    for k in (1, 20):
+        times: list[float] = []
+        for i in range(40):
+            fresh = chain(k, count=255 - i - 100 * (k > 1))  # a shape not seen before
+            _run_one(backend, fresh)
+            t0 = time.perf_counter()
+            _run_one(backend, fresh)
+            times.append(time.perf_counter() - t0)
+        capture[str(k)] = us(times)
+    out["capture_run_us"] = capture
     slab = backend.lane_slab
     backend.lane_slab = 0  # every graph's memory from the pool: its base may move between runs
     before = dict(backend.graph_stats)
-    out["pool_memory_p50_us"] = {str(k): {"off": p50([chain(k)], "off"), "on": p50([chain(k)], "on")} for k in (1, 20)}
+    out["pool_memory_p50_us"] = {str(k): p50({"off": ("off", "nodes", [chain(k)]), "on": ("on", "nodes", [chain(k)])})
+                                 for k in (1, 20)}
     out["pool_memory_stats"] = {key: value - before[key] for key, value in backend.graph_stats.items()}
     backend.lane_slab = slab
     return out

@@ -184,12 +184,15 @@ def kernel(name: str, grid: int, block: int, *args: Any, shared: int = 0) -> Exe
     return ExecKernel(LIB, name, (grid, 1, 1), (block, 1, 1), shared, tuple(args))
 
 
-@pytest.fixture(scope="module", params=["lane-slab", "pool-only"])
+@pytest.fixture(scope="module", params=["lane-slab", "pool-only", "cuda-graphs"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The backend as configured by default, and with every graph's memory from the pool."""
+    """The backend as configured by default, with every graph's memory from the pool, and
+    with every shape submitted twice replayed from a CUDA graph (tests/gpu/test_cuda_graphs.py)."""
     from broker.streams.cuda_backend import CudaBackend
 
-    b = CudaBackend(0) if request.param == "lane-slab" else CudaBackend(0, lane_slab=0)
+    kw: dict[str, Any] = {"lane-slab": {}, "pool-only": {"lane_slab": 0}, "cuda-graphs": {"cuda_graphs": True}}[
+        request.param]
+    b = CudaBackend(0, **kw)
     b.load_library(LIB, "cuda", SOURCE, KERNELS, ())
     yield b
     b.close()
@@ -243,6 +246,29 @@ def test_multi_kernel_graph_with_temp(backend: Any, rng: np.random.Generator) ->
     np.testing.assert_array_equal(y, y0 * (np.float32(2.5) * x))
     assert not z.any(), "an out buffer no kernel wrote must come back zeroed, not with stale device memory"
     assert w.size == n
+    arena.close()
+
+
+def test_timings_of_stages_a_graph_does_not_have_are_zero(backend: Any) -> None:
+    """A stage the graph lacks reports exactly 0.0 (no event is spent on it); the others are timed."""
+    arena = Arena(backend, 3 * 4096)
+    o, x = arena.place(np.ones(256, np.float32))
+    spin = ExecKernel(LIB, "t_spin", (1, 1, 1), (1, 1, 1), 0, (Lit("u64", 2000),))
+    cases = {  # graph: copy_in, kernels, copy_out as "0" (absent), "+" (timed, > 0) or "s" (a scrub only)
+        ExecGraph((), (spin,)): "0+0",
+        ExecGraph((arena.buffer("in", o, x),), (spin,)): "++0",
+        ExecGraph((arena.buffer("out", o, x),), (spin,)): "s++",
+        ExecGraph((arena.buffer("inout", o, x),), ()): "+0+",
+    }
+    for graph, expect in cases.items():
+        for _ in range(3):  # direct, then (with CUDA graphs on) captured and replayed
+            done = run(backend, graph)
+            ok(done)
+            t = done.timings
+            assert t is not None
+            for stage, want in zip((t.copy_in, t.kernels, t.copy_out), expect, strict=True):
+                assert stage == 0.0 if want == "0" else stage > 0 if want == "+" else stage >= 0, (graph, t)
+            assert t.total == pytest.approx(t.copy_in + t.kernels + t.copy_out)
     arena.close()
 
 
