@@ -51,7 +51,7 @@ def _broker(args: argparse.Namespace) -> Iterator[str]:
         yield args.socket
         return
     print(f"starting a broker on --device {args.device} ...", file=sys.stderr, flush=True)
-    with BrokerProcess(args.device) as b:
+    with BrokerProcess(args.device, config=args.config) as b:
         yield b.socket
 
 
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", default="auto", help="device for the broker this starts (default auto)")
         sp.add_argument("--socket", help="use the running broker at this socket instead of starting one")
+        sp.add_argument("--config", help="config file for the broker this starts")
         sp.add_argument("--json", action="store_true", help="print JSON for machines")
         sp.add_argument("--plot", metavar="PNG", help="also write a plot (needs matplotlib)")
 
