@@ -19,7 +19,7 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +116,7 @@ class GraphResult:
 class _Pending:
     job: Job
     resolved: Resolved
-    future: asyncio.Future[GraphResult]
+    on_done: Callable[[GraphResult | errors.KaasError], None]
     submitted: float
     deadline: float
     arenas: tuple[ArenaRecord, ...]
@@ -226,9 +226,9 @@ class Engine:
         for t in self._respawns.values():
             t.cancel()
         err = errors.ShuttingDown("broker is shutting down")
-        for p in list(self._pending.values()):
-            if not p.future.done():
-                p.future.set_exception(err)
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.on_done(err)
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
         for a in list(self.arenas.values()):
             self._forget_arena(a)
@@ -496,16 +496,16 @@ class Engine:
 
     # -- graphs ----------------------------------------------------------------------------
     def submit(self, *, tenant: str, session: int, resolved: Resolved, timeout: float,
-               priority: int = 0, trace_from: float = 0.0) -> asyncio.Future[GraphResult]:
-        """Queue a validated graph; the future resolves to its result or typed error."""
-        loop = asyncio.get_running_loop()
+               on_done: Callable[[GraphResult | errors.KaasError], None], priority: int = 0,
+               trace_from: float = 0.0) -> int:
+        """Queue a validated graph; ``on_done`` gets its result or typed error, exactly once."""
         if not any(w.alive for w in self.workers.values()):
             raise errors.NoDevice("no device worker is running")
         arenas = tuple(self.arenas[g] for g in resolved.arenas)
         residents = tuple(self.residents[r] for r in resolved.residents)
         now = time.monotonic()
         job = Job(next(self._ids), tenant, session, now, resolved.residents, priority)
-        p = _Pending(job, resolved, loop.create_future(), now, timeout, arenas, residents,
+        p = _Pending(job, resolved, on_done, now, timeout, arenas, residents,
                      trace=[trace_from] if trace_from else None)
         for a in arenas:
             a.inflight += 1
@@ -516,7 +516,7 @@ class Engine:
         self.scheduler.submit(job, now)
         self._pump()
         self._kick(now)
-        return p.future
+        return job.id
 
     def _kick(self, now: float) -> None:
         """Keep the event loop polling (never sleeping) for ``spin`` seconds after activity."""
@@ -540,8 +540,7 @@ class Engine:
         for job in gone:
             p = self._pending.pop(job.id)
             self._release_uses(p)
-            if not p.future.done():
-                p.future.cancel()
+            p.on_done(errors.SessionClosed("the session closed before the graph ran"))
         return len(gone)
 
     def _pump(self) -> None:
@@ -556,51 +555,43 @@ class Engine:
         for r in p.residents:
             if device not in r.devices:
                 r.devices.add(device)
-                w.send(WPutResident(w.next_seq(), r.gid, r.nbytes), r.fd).add_done_callback(
-                    functools.partial(self._put_done, r, device))
+                w.send_cb(WPutResident(w.next_seq(), r.gid, r.nbytes), functools.partial(self._put_done, r, device),
+                          r.fd)
                 self.stats["resident_puts"] += 1
                 self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
         if p.trace is not None:
             p.trace.append(time.perf_counter())
-        fut = w.send(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority, p.trace is not None))
-        fut.add_done_callback(functools.partial(self._graph_done, job.id, device))
+        w.send_cb(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority, p.trace is not None),
+                  functools.partial(self._graph_done, job.id, device))
 
-    def _put_done(self, rec: ResidentRecord, device: str, fut: asyncio.Future[WReply]) -> None:
-        if fut.cancelled() or fut.exception() is not None or fut.result().code:
+    def _put_done(self, rec: ResidentRecord, device: str, outcome: WReply | errors.KaasError) -> None:
+        if isinstance(outcome, errors.KaasError) or outcome.code:
             rec.devices.discard(device)
 
-    def _graph_done(self, job_id: int, device: str, fut: asyncio.Future[WReply]) -> None:
+    def _graph_done(self, job_id: int, device: str, outcome: WReply | errors.KaasError) -> None:
         p = self._pending.pop(job_id, None)
         now = time.monotonic()
-        reply: WReply | None = None
-        exc: BaseException | None = None
-        if fut.cancelled():
-            exc = errors.WorkerLost(f"device worker {device} went away")
-        else:
-            exc = fut.exception()
-            if exc is None:
-                reply = fut.result()
+        reply = outcome if isinstance(outcome, WReply) else None
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
         self.scheduler.complete(job_id, now, device_time)
         if p is not None:
             self._release_uses(p)
-            if not p.future.done():
-                tm = self.metrics.tenant(p.job.tenant)
-                if reply is not None and not reply.code:
-                    t = reply.timings or Timings()
-                    self.stats["graphs"] += 1
-                    tm.graph_done(device, now - p.submitted, t.kernels, p.resolved.input_bytes,
-                                  p.resolved.output_bytes)
-                    trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
-                    p.future.set_result(GraphResult(device, Timings(
-                        queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
-                        copy_out=t.copy_out, total=now - p.submitted), trace))
-                else:
-                    self.stats["graph_errors"] += 1
-                    tm.charge(device, device_time)
-                    if reply is not None:
-                        exc = errors.from_wire(reply.code, reply.message, reply.detail)
-                    p.future.set_exception(exc or errors.InternalError("graph ended without a result"))
+            tm = self.metrics.tenant(p.job.tenant)
+            if reply is not None and not reply.code:
+                t = reply.timings or Timings()
+                self.stats["graphs"] += 1
+                tm.graph_done(device, now - p.submitted, t.kernels, p.resolved.input_bytes, p.resolved.output_bytes)
+                trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
+                p.on_done(GraphResult(device, Timings(
+                    queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
+                    copy_out=t.copy_out, total=now - p.submitted), trace))
+            else:
+                self.stats["graph_errors"] += 1
+                tm.charge(device, device_time)
+                err = (errors.from_wire(reply.code, reply.message, reply.detail) if reply is not None
+                       else outcome if isinstance(outcome, errors.KaasError)
+                       else errors.InternalError("graph ended without a result"))
+                p.on_done(err)
         self._pump()
         self._kick(now)
 

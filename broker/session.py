@@ -9,6 +9,7 @@ graphs, lets running ones finish, and then unmaps its arenas.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import os
@@ -75,7 +76,9 @@ class Session:
         self.fds: list[int] = []       # received fds not yet claimed by a RegisterArena
         self.inflight: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._futures: dict[int, asyncio.Future[GraphResult]] = {}
+        self._graphs: set[int] = set()  # requests whose graphs the engine holds
+        self._graphs_idle = asyncio.Event()
+        self._graphs_idle.set()
         self.closed = False
         self.recv_stamp = 0.0  # when the bytes being handled were read (for traced requests)
         self.log = log.bind(session=self.id, pid=peer.pid, uid=peer.uid)
@@ -222,23 +225,20 @@ class Session:
             self._resolved[msg.graph] = (gens, resolved)
         if not math.isfinite(msg.timeout) or msg.timeout < 0:
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {msg.timeout}")
-        fut = self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
-                                 trace_from=self.recv_stamp if msg.trace else 0.0)
-        self._futures[req] = fut
-        fut.add_done_callback(lambda f: self._graph_done(req, f))
+        self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
+                           on_done=functools.partial(self._graph_done, req),
+                           trace_from=self.recv_stamp if msg.trace else 0.0)
+        self._graphs.add(req)
+        self._graphs_idle.clear()
 
-    def _graph_done(self, req: int, fut: asyncio.Future[GraphResult]) -> None:
-        self._futures.pop(req, None)
-        if fut.cancelled():
-            self._finish_error(req, errors.SessionClosed("the session closed before the graph ran"))
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self._finish_error(req, exc if isinstance(exc, errors.KaasError)
-                               else errors.InternalError(f"broker error: {type(exc).__name__}"))
-            return
-        res = fut.result()
-        self._finish(req, GraphDone(req, res.device, res.timings, res.trace))
+    def _graph_done(self, req: int, outcome: GraphResult | errors.KaasError) -> None:
+        self._graphs.discard(req)
+        if not self._graphs:
+            self._graphs_idle.set()
+        if isinstance(outcome, errors.KaasError):
+            self._finish_error(req, outcome)
+        else:
+            self._finish(req, GraphDone(req, outcome.device, outcome.timings, outcome.trace))
 
     async def _register_arena(self, req: int, fd: int, size: int) -> None:
         assert self.tenant is not None
@@ -327,8 +327,9 @@ class Session:
         self.fds.clear()
         dropped = self.engine.cancel_session(self.id)
         # Requests already accepted run to their end (their replies go nowhere); then arenas go.
-        pending: list[asyncio.Future[Any]] = [f for f in self._futures.values() if not f.done()]
-        pending += [t for t in self._tasks if not t.done()]
+        pending: list[asyncio.Future[Any]] = [t for t in self._tasks if not t.done()]
+        if self._graphs:
+            pending.append(asyncio.ensure_future(self._graphs_idle.wait()))
         try:
             if pending:
                 await asyncio.shield(asyncio.wait(pending))

@@ -40,7 +40,9 @@ class WorkerHandle:
         self.proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
-        self._pending: dict[int, asyncio.Future[WReply]] = {}
+        # seq -> what to do with its reply; called synchronously as the reply is decoded (no extra
+        # event-loop trip on the request path), or with WorkerLost when the worker dies.
+        self._pending: dict[int, Callable[[WReply | errors.KaasError], None]] = {}
         self._seq = 0
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._out = bytearray()
@@ -83,16 +85,30 @@ class WorkerHandle:
         """Queue ``cmd`` (and ``fd``, which is duplicated) and return the future of its reply."""
         assert self._loop is not None
         fut: asyncio.Future[WReply] = self._loop.create_future()
+
+        def settle(r: WReply | errors.KaasError) -> None:
+            if not fut.done():
+                if isinstance(r, errors.KaasError):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(r)
+
+        self.send_cb(cmd, settle, fd)
+        return fut
+
+    def send_cb(self, cmd: WorkerCommand, on_reply: Callable[[WReply | errors.KaasError], None],
+                fd: int | None = None) -> None:
+        """Queue ``cmd``; ``on_reply`` gets its WReply (or WorkerLost) as soon as it is read."""
+        assert self._loop is not None
         if not self.alive or self._sock is None:
-            fut.set_exception(errors.WorkerLost(f"worker {self.device} is not running"))
-            return fut
-        self._pending[cmd.seq] = fut
+            self._loop.call_soon(on_reply, errors.WorkerLost(f"worker {self.device} is not running"))
+            return
+        self._pending[cmd.seq] = on_reply
         frame = encode(cmd)
         if fd is not None:
             self._out_fds.append((len(self._out), [os.dup(fd)]))
         self._out += frame
         self._flush()
-        return fut
 
     async def call(self, cmd: WorkerCommand, fd: int | None = None) -> WReply:
         reply = await self.send(cmd, fd)
@@ -146,9 +162,9 @@ class WorkerHandle:
         for body in self._decoder.feed(data):
             ev = event_decoder.decode(body)
             if isinstance(ev, WReply):
-                fut = self._pending.pop(ev.seq, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(ev)
+                cb = self._pending.pop(ev.seq, None)
+                if cb is not None:
+                    cb(ev)
             elif isinstance(ev, WReady) and self._ready is not None and not self._ready.done():
                 self._ready.set_result(ev.info)
 
@@ -166,15 +182,14 @@ class WorkerHandle:
         self._close_sock()
         err = errors.WorkerLost(f"device worker {self.device} exited ({why}, exit code {code})",
                                 detail={"device": self.device, "exit_code": code})
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self._pending.clear()
+        log.warning("worker_lost", device=self.device, why=why, exit_code=code)
+        if self.on_exit is not None:  # first: the owner decides what the failed commands mean
+            self.on_exit(self, code)
+        pending, self._pending = self._pending, {}
+        for cb in pending.values():
+            cb(err)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
-        log.warning("worker_lost", device=self.device, why=why, exit_code=code)
-        if self.on_exit is not None:
-            self.on_exit(self, code)
 
     def _close_sock(self) -> None:
         if self._sock is not None and self._loop is not None:
