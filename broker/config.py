@@ -51,6 +51,9 @@ class Config:
     max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
+    max_graph_seconds: float = 300.0      # every graph's deadline on a device (a request's timeout may be shorter)
+    replay_attempts: int = 3              # times an innocent graph is replayed after its worker died
+    quarantine_after: int = 3             # faults of one tenant's kernel before it is refused
     metrics_port: int = 0                 # Prometheus /metrics on metrics_host:port; 0: off
     metrics_host: str = "127.0.0.1"
     metrics_socket: str = ""              # or on this unix socket; "": off

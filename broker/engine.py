@@ -47,6 +47,25 @@ log = structlog.get_logger("kaas.engine")
 
 LIBRARY_FORMATS = ("cuda", "cubin", "ptx", "fatbin")
 MAX_LIBRARY_BYTES = 32 * 1024 * 1024
+_DEADLINE_GRACE = 0.5  # seconds past a graph's deadline before the broker kills its worker
+
+
+def _raise_unless_lost(outcomes: list[Any]) -> None:
+    """Re-raise the first failure of a broadcast, except a worker's death: its respawn restores it."""
+    for r in outcomes:
+        if isinstance(r, BaseException) and not isinstance(r, errors.WorkerLost):
+            raise r
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def _kernel_names(p: _Pending) -> str:
+    names = sorted({k.kernel for k in p.resolved.graph.kernels})
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
 _F_GET_SEALS, _F_SEAL_WRITE, _F_SEAL_FUTURE_WRITE = 1034, 0x0008, 0x0010  # linux/fcntl.h
 _IDENT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -123,6 +142,11 @@ class _Pending:
     residents: tuple[ResidentRecord, ...]
     dispatched: float = 0.0
     trace: list[float] | None = None
+    worker: WorkerHandle | None = None     # the worker running this attempt
+    timer: asyncio.TimerHandle | None = None  # this attempt's deadline
+    verdict: str = ""                      # after its worker died: culprit | suspect | innocent
+    culprit: errors.KaasError | None = None  # what a culprit is told
+    attempts: int = 0                      # replays so far
 
 
 def library_digest(fmt: str, data: bytes, kernels: Iterable[KernelSpec], options: Iterable[str]) -> str:
@@ -200,7 +224,9 @@ class Engine:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
-                                      "worker_restarts": 0}
+                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0}
+        self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults
+        self.quarantined: dict[tuple[str, str, str], float] = {}  # -> since (time.time())
         self.spin = config.spin("spin_us", devices)
         self.client_spin = config.spin("client_spin_us", devices)
         self._spin_until = 0.0
@@ -236,7 +262,27 @@ class Engine:
             self._forget_resident(r)
 
     def _worker_exit(self, worker: WorkerHandle, code: int | None) -> None:
-        """A worker died: its device is down until a fresh worker holds what the broker holds."""
+        """A worker died: judge the graphs it was running, then bring a fresh one up.
+
+        Called before those graphs' replies fail, so ``_graph_done`` finds their verdicts: a graph
+        already named (past its deadline) is the culprit and the rest are innocent; a graph alone
+        on the worker is the culprit; several with no culprit named are suspects, each replayed
+        alone (a suspect that kills a worker while alone is the culprit).
+        """
+        running = [p for p in self._pending.values() if p.worker is worker]
+        if running and not any(p.verdict == "culprit" for p in running):
+            if len(running) == 1:
+                p = running[0]
+                p.verdict = "culprit"
+                p.culprit = errors.WorkerLost(
+                    f"the graph's kernels ({_kernel_names(p)}) killed the device worker {worker.device} "
+                    f"(exit code {code}); the worker was restarted",
+                    detail={"device": worker.device, "exit_code": code, "culprit": True})
+            else:
+                for p in running:
+                    p.verdict = "suspect"
+        for p in running:
+            p.verdict = p.verdict or "innocent"
         self.scheduler.set_down(worker.device, True)
         for r in self.residents.values():
             r.devices.discard(worker.device)
@@ -257,18 +303,14 @@ class Engine:
             try:
                 await w.start()
                 self.workers[device] = w  # new arenas and libraries reach it from here on
-                for a in list(self.arenas.values()):
-                    if a.gid in self.arenas:
-                        await self._pin_on(w, a)
-                for rec in list(self.libraries.values()):
-                    if rec.ready is not None and not rec.ready.done():
-                        await asyncio.wait([rec.ready])
-                    if rec.digest in self.libraries:
-                        await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
-                                                  tuple(rec.kernels.values()), rec.options))
-            except errors.KaasError as exc:
+                await self._restore(w)
+            except (TimeoutError, errors.KaasError) as exc:
                 log.warning("worker_respawn_failed", device=device, error=str(exc), retry_in=delay)
                 w.kill()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not w.alive:  # died again while being restored
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -278,6 +320,29 @@ class Engine:
             log.info("worker_respawned", device=device, pid=w.pid)
             self._pump()
             return
+
+    async def _restore(self, w: WorkerHandle) -> None:
+        """Give a fresh worker every live arena and library; one that fails is logged, not fatal."""
+        for a in list(self.arenas.values()):
+            if a.gid in self.arenas:
+                try:
+                    await self._pin_on(w, a)
+                except errors.WorkerLost:
+                    raise
+                except errors.KaasError as exc:
+                    log.warning("arena_restore_failed", device=w.device, arena=a.gid, error=str(exc))
+        for rec in list(self.libraries.values()):
+            if rec.ready is not None and not rec.ready.done():
+                await asyncio.wait([rec.ready])
+            if rec.digest not in self.libraries:
+                continue
+            try:
+                await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
+                                          tuple(rec.kernels.values()), rec.options))
+            except errors.WorkerLost:
+                raise
+            except errors.KaasError as exc:
+                log.warning("library_restore_failed", device=w.device, library=rec.digest[:16], error=str(exc))
 
     def scrape(self, metrics: Metrics) -> None:
         """Fill the gauges a scrape reports (called by the metrics server before each scrape)."""
@@ -359,7 +424,8 @@ class Engine:
         if tenant is not None:
             tenant.arenas += 1
         try:
-            await asyncio.gather(*(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive))
+            _raise_unless_lost(await asyncio.gather(
+                *(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive), return_exceptions=True))
         except (Exception, asyncio.CancelledError):
             self._forget_arena(rec)
             raise
@@ -419,9 +485,12 @@ class Engine:
             rec.ready = asyncio.get_running_loop().create_future()
             self.libraries[digest] = rec
             try:
-                replies = await self._on_all(lambda w: w.call(
-                    WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options))), alive_only=True)
-                rec.log = "\n".join(str(r.info.get("log", "")) for r in replies if r.info.get("log"))
+                outcomes = await asyncio.gather(*(
+                    w.call(WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options)))
+                    for w in list(self.workers.values()) if w.alive), return_exceptions=True)
+                _raise_unless_lost(outcomes)
+                rec.log = "\n".join(str(r.info.get("log", "")) for r in outcomes
+                                    if isinstance(r, WReply) and r.info.get("log"))
                 self.stats["library_loads"] += 1
                 rec.ready.set_result(None)
             except (Exception, asyncio.CancelledError) as exc:
@@ -486,7 +555,7 @@ class Engine:
         for d in rec.devices:
             w = self.workers[d]
             if w.alive:
-                w.send(WEvictResident(w.next_seq(), rec.gid))
+                w.send_cb(WEvictResident(w.next_seq(), rec.gid), _ignore)
         rec.devices.clear()
         os.close(rec.fd)
 
@@ -499,8 +568,8 @@ class Engine:
                on_done: Callable[[GraphResult | errors.KaasError], None], priority: int = 0,
                trace_from: float = 0.0) -> int:
         """Queue a validated graph; ``on_done`` gets its result or typed error, exactly once."""
-        if not any(w.alive for w in self.workers.values()):
-            raise errors.NoDevice("no device worker is running")
+        if not self._respawns and not any(w.alive for w in self.workers.values()):
+            raise errors.NoDevice("no device worker is running")  # while one restarts, graphs wait
         arenas = tuple(self.arenas[g] for g in resolved.arenas)
         residents = tuple(self.residents[r] for r in resolved.residents)
         now = time.monotonic()
@@ -559,10 +628,27 @@ class Engine:
                           r.fd)
                 self.stats["resident_puts"] += 1
                 self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
+        limit = min(p.deadline, self.config.max_graph_seconds) if p.deadline > 0 else self.config.max_graph_seconds
+        p.worker = w
+        p.timer = asyncio.get_running_loop().call_later(limit + _DEADLINE_GRACE, self._deadline_passed, job.id, w,
+                                                        limit)
         if p.trace is not None:
             p.trace.append(time.perf_counter())
-        w.send_cb(WRunGraph(w.next_seq(), p.resolved.graph, p.deadline, job.priority, p.trace is not None),
+        w.send_cb(WRunGraph(w.next_seq(), p.resolved.graph, limit, job.priority, p.trace is not None),
                   functools.partial(self._graph_done, job.id, device))
+
+    def _deadline_passed(self, job_id: int, w: WorkerHandle, limit: float) -> None:
+        """A kernel cannot be stopped from inside its process: the worker goes, innocents replay."""
+        p = self._pending.get(job_id)
+        if p is None or p.worker is not w or not w.alive:
+            return
+        p.verdict = "culprit"
+        p.culprit = errors.DeadlineExceeded(
+            f"graph ({_kernel_names(p)}) ran past its deadline of {limit:g} s on {w.device}; the device worker "
+            "was restarted", detail={"deadline": limit, "device": w.device})
+        self.stats["deadline_kills"] += 1
+        log.warning("deadline_kill", device=w.device, tenant=p.job.tenant, deadline=limit)
+        w.kill(f"a graph ran past its deadline of {limit:g} s")
 
     def _put_done(self, rec: ResidentRecord, device: str, outcome: WReply | errors.KaasError) -> None:
         if isinstance(outcome, errors.KaasError) or outcome.code:
@@ -574,6 +660,11 @@ class Engine:
         reply = outcome if isinstance(outcome, WReply) else None
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
         self.scheduler.complete(job_id, now, device_time)
+        if p is not None and p.timer is not None:
+            p.timer.cancel()
+        if p is not None and (reply is None or reply.code) and self._replay(p, reply, now):
+            self._pump()
+            return
         if p is not None:
             self._release_uses(p)
             tm = self.metrics.tenant(p.job.tenant)
@@ -591,9 +682,63 @@ class Engine:
                 err = (errors.from_wire(reply.code, reply.message, reply.detail) if reply is not None
                        else outcome if isinstance(outcome, errors.KaasError)
                        else errors.InternalError("graph ended without a result"))
+                if p.verdict == "culprit" and p.culprit is not None:
+                    err = p.culprit
+                if p.verdict == "culprit" or isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)):
+                    self._strike(p, err)
                 p.on_done(err)
         self._pump()
         self._kick(now)
+
+    def _replay(self, p: _Pending, reply: WReply | None, now: float) -> bool:
+        """Queue an innocent (or suspect) graph again after a fault that was not its own."""
+        verdict = p.verdict
+        if reply is not None:
+            if reply.code == errors.KernelFault.code and reply.detail.get("ambiguous"):
+                verdict = "suspect"  # a sticky fault shows on every graph in flight: find which alone
+            elif reply.code == errors.WorkerLost.code and reply.detail.get("started") is False:
+                verdict = "innocent"
+        if verdict not in ("innocent", "suspect") or p.attempts >= self.config.replay_attempts:
+            return False
+        p.attempts += 1
+        p.verdict, p.culprit, p.worker, p.timer, p.dispatched = "", None, None, None, 0.0
+        p.job.device = None
+        self._pending[p.job.id] = p
+        self.scheduler.requeue(p.job, isolate=verdict == "suspect")
+        self.stats["replays"] += 1
+        log.info("graph_replayed", tenant=p.job.tenant, attempt=p.attempts, isolated=verdict == "suspect")
+        return True
+
+    def _strike(self, p: _Pending, err: errors.KaasError) -> None:
+        """Count a fault against the kernels that caused it; quarantine repeat offenders."""
+        kernels = {(k.library, k.kernel) for k in p.resolved.graph.kernels}
+        named = err.detail.get("kernel")
+        if named:
+            kernels = {lk for lk in kernels if lk[1] == named} or kernels
+        for lib, name in kernels:
+            key = (p.job.tenant, lib, name)
+            n = self.strikes[key] = self.strikes.get(key, 0) + 1
+            if n >= self.config.quarantine_after and key not in self.quarantined:
+                self.quarantined[key] = time.time()
+                log.warning("kernel_quarantined", tenant=p.job.tenant, library=lib[:16], kernel=name, faults=n)
+
+    def check_quarantine(self, tenant: str, resolved: Resolved) -> None:
+        if not self.quarantined:
+            return
+        for k in resolved.graph.kernels:
+            if (tenant, k.library, k.kernel) in self.quarantined:
+                raise errors.Quarantined(
+                    f"kernel {k.kernel!r} faulted {self.strikes[(tenant, k.library, k.kernel)]} times and is "
+                    "quarantined for this tenant until an administrator clears it",
+                    detail={"kernel": k.kernel, "library": k.library})
+
+    def clear_quarantine(self, tenant: str | None = None) -> int:
+        """Lift quarantines (of one tenant, or all); returns how many were lifted."""
+        keys = [k for k in self.quarantined if tenant is None or k[0] == tenant]
+        for k in keys:
+            del self.quarantined[k]
+            self.strikes.pop(k, None)
+        return len(keys)
 
     def _release_uses(self, p: _Pending) -> None:
         for a in p.arenas:

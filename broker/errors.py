@@ -232,10 +232,16 @@ def from_wire(code: str, message: str, detail: dict[str, Any] | None = None) -> 
     return err
 
 
+class Quarantined(TenantError):
+    """This tenant's kernel faulted repeatedly; refused until an admin clears it."""
+
+    code = "quarantined"
+
+
 class PermissionDenied(TenantError):
     """The peer is not allowed to do this (not a tenant, not an admin)."""
 
     code = "permission_denied"
 
 
-__all__ += ["PermissionDenied"]
+__all__ += ["PermissionDenied", "Quarantined"]

@@ -223,6 +223,7 @@ class Session:
             if len(self._resolved) >= _RESOLVED_CACHE:
                 self._resolved.clear()
             self._resolved[msg.graph] = (gens, resolved)
+        self.engine.check_quarantine(self.tenant.name, resolved)
         if not math.isfinite(msg.timeout) or msg.timeout < 0:
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {msg.timeout}")
         self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,

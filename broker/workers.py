@@ -212,13 +212,11 @@ class WorkerHandle:
                 pass
         self.kill()
 
-    def kill(self) -> None:
-        """Immediate: kill the process and fail what is pending."""
-        on_exit, self.on_exit = self.on_exit, None
+    def kill(self, why: str = "stopped by the broker") -> None:
+        """Immediate: kill the process and fail what is pending (``on_exit`` is told)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-        self._lost("stopped by the broker")
-        self.on_exit = on_exit
+        self._lost(why)
         self._close_sock()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.wait()

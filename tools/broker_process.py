@@ -35,10 +35,12 @@ class BrokerProcess:
 
     def problems(self) -> list[str]:
         """Log lines that say the broker itself went wrong: errors, tracebacks, unhandled exceptions."""
-        text = self.final_log or self.log_tail(10_000)
-        return [ln for ln in text.splitlines()
-                if '"level": "error"' in ln or '"level": "critical"' in ln or ln.startswith("Traceback")
-                or "exception was never retrieved" in ln or "Task was destroyed" in ln]
+        lines = (self.final_log or self.log_tail(10_000)).splitlines()
+        bad = [i for i, ln in enumerate(lines)
+               if '"level": "error"' in ln or '"level": "critical"' in ln or ln.startswith("Traceback")
+               or "exception was never retrieved" in ln or "Task was destroyed" in ln]
+        # each problem with the lines after it (the traceback that explains it)
+        return ["\n".join(lines[i:i + 25]) for i in bad]
 
     def start(self) -> BrokerProcess:
         cmd = [sys.executable, "-m", "broker", "--socket", self.socket, "--device", self.device, *self.extra_args]

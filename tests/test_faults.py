@@ -1,0 +1,111 @@
+"""Fault containment on the CPU device: one tenant's crashing or hanging kernel costs no one else.
+
+The culprit's graph fails with a typed error naming what happened; graphs of other tenants that
+were in flight on the same worker are replayed and complete with correct results; the worker comes
+back; a kernel that keeps faulting is quarantined.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import tenantlib
+from tenantlib import errors, kernels
+from tenantlib.kernels import testing
+from tests.conftest import BrokerFactory
+
+CONFIG = ('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
+          "lanes_cpu = 4\nquarantine_after = 2\n")
+BAD_SOURCE = kernels.SOURCE + '\nextern "C" __global__ void crash() {}\nextern "C" __global__ void hang() {}\n'
+N = 192  # sgemm size: a few ms per graph on the CPU device, so several are in flight at once
+
+
+def _sgemm_jobs(client: tenantlib.Client, count: int) -> list[tuple[tenantlib.PendingRun, np.ndarray, np.ndarray,
+                                                                    np.ndarray]]:
+    lib = kernels.library(client)
+    rng = np.random.default_rng()
+    work = []
+    for _ in range(count):
+        A, B, C = client.array((N, N)), client.array((N, N)), client.array((N, N))
+        A[...] = rng.standard_normal((N, N))
+        B[...] = rng.standard_normal((N, N))
+        C[...] = np.nan
+        g = client.graph()
+        grid, block = kernels.sgemm_launch(N, N)
+        g.kernel(lib, "sgemm", grid=grid, block=block, args=[g.input(A), g.input(B), g.output(C), N, N, N])
+        work.append((g, A, B, C))
+    return [(client.submit(g, timeout=60), A, B, C) for g, A, B, C in work]
+
+
+def _all_correct(jobs: list[tuple[tenantlib.PendingRun, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    for pending, A, B, C in jobs:
+        pending.result()
+        np.testing.assert_allclose(C, kernels.ref_sgemm(A, B), rtol=1e-4, atol=1e-3)
+
+
+def _wait_restarts(client: tenantlib.Client, n: int) -> None:
+    end = time.monotonic() + 60
+    while client.status()["stats"]["worker_restarts"] < n:
+        assert time.monotonic() < end, "the worker did not come back"
+        time.sleep(0.05)
+
+
+def _bad_graph(client: tenantlib.Client, kernel: str) -> tenantlib.Graph:
+    lib = client.library(BAD_SOURCE, kernels=[testing.CRASH, testing.HANG], name="bad")
+    g = client.graph()
+    g.kernel(lib, kernel, grid=1, block=1, args=[])
+    return g
+
+
+def test_crashing_kernel_costs_only_its_tenant(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG)
+    with tenantlib.connect(b.socket) as a, tenantlib.connect(b.socket) as c, tenantlib.connect(b.socket) as bad:
+        bad_graph = _bad_graph(bad, "crash")
+        jobs_a = _sgemm_jobs(a, 4)
+        culprit = bad.submit(bad_graph, timeout=60)
+        jobs_c = _sgemm_jobs(c, 4)
+        with pytest.raises(errors.WorkerLost, match="killed the device worker") as ei:
+            culprit.result()
+        assert ei.value.detail["culprit"] is True and ei.value.detail["exit_code"] == testing.CRASH_EXIT_CODE
+        _all_correct(jobs_a)
+        _all_correct(jobs_c)
+        stats = a.status()["stats"]
+        assert stats["worker_restarts"] >= 1
+        _all_correct(_sgemm_jobs(a, 2))  # the device is back
+
+
+def test_hanging_kernel_is_killed_at_its_deadline_and_others_replay(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG)
+    with tenantlib.connect(b.socket) as a, tenantlib.connect(b.socket) as c, tenantlib.connect(b.socket) as bad:
+        hang = _bad_graph(bad, "hang")
+        jobs_a = _sgemm_jobs(a, 3)
+        culprit = bad.submit(hang, timeout=1.0)
+        jobs_c = _sgemm_jobs(c, 3)
+        with pytest.raises(errors.DeadlineExceeded, match="deadline of 1 s") as ei:
+            culprit.result()
+        assert "hang" in str(ei.value)
+        _all_correct(jobs_a)
+        _all_correct(jobs_c)
+        _wait_restarts(a, 1)
+        st = a.status()["stats"]
+        assert st["deadline_kills"] == 1
+        _all_correct(_sgemm_jobs(c, 2))
+
+
+def test_repeat_offender_is_quarantined_and_its_other_kernels_are_not(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG)
+    with tenantlib.connect(b.socket) as bad, tenantlib.connect(b.socket) as same_tenant:
+        g = _bad_graph(bad, "crash")
+        for n in (1, 2):  # quarantine_after = 2
+            with pytest.raises(errors.WorkerLost):
+                bad.run(g, timeout=60)
+            _wait_restarts(bad, n)
+        with pytest.raises(errors.Quarantined, match="'crash' faulted 2 times"):
+            bad.run(g)
+        # the tenant's other kernels still run; the quarantined one is refused in any of its sessions
+        _all_correct(_sgemm_jobs(same_tenant, 2))
+        with pytest.raises(errors.Quarantined):
+            same_tenant.run(_bad_graph(same_tenant, "crash"))
