@@ -25,15 +25,30 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """What a tenant may use. ``[tenant_defaults]`` sets it for everyone; a ``[[tenants]]`` rule overrides."""
+
+    weight: float = 1.0              # share of device time (and of device memory under pressure)
+    device_memory: int = 0           # bytes on any one device (resident + per-request); 0: no quota
+    total_memory: int = 0            # bytes over all devices; 0: no quota
+    max_inflight: int = 64           # graphs on devices at once; more wait their turn
+    max_queued: int = 4096           # graphs waiting; one more is refused (too_many_requests)
+    max_graph_seconds: float = 0.0   # deadline of its graphs; 0: the broker's max_graph_seconds
+    priority: str = "batch"          # batch | latency: ahead within its fair share, high-priority lanes
+    isolation: str = "shared"        # shared | dedicated: its own device worker (its own context) per GPU
+    libraries: tuple[str, ...] = ()  # if set: the only library digests it may register (vetted kernels)
+
+
+@dataclass(frozen=True, slots=True)
 class TenantRule:
-    """Maps peers to a tenant: by ``user`` / ``group`` name or ``uid`` / ``gid`` (first match wins)."""
+    """Maps peers to a tenant: by ``user`` / ``group`` name or ``uid`` / ``gid`` (all given must match)."""
 
     name: str
     user: str = ""
     group: str = ""
     uid: int = -1
     gid: int = -1
-    weight: float = 1.0
+    policy: TenantPolicy = TenantPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +61,7 @@ class Config:
     compile_check: str = "sm_90"          # arch the CPU device checks CUDA C against; "" off
     lanes_cpu: int = 2
     lanes_cuda: int = 8
-    policy: str = "fcfs"
+    policy: str = "fair"                  # fair (weighted share of device time) | fcfs
     max_arenas: int = 4096                # per session
     max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
@@ -60,6 +75,7 @@ class Config:
     log_format: str = "auto"              # auto | json | console
     log_level: str = "info"
     unknown_tenants: str = "admit"        # admit | refuse
+    tenant_defaults: TenantPolicy = field(default=TenantPolicy())
     # Busy-polling after activity trades a core for wake-up latency; -1: on only with CUDA devices.
     spin_us: int = -1                     # the broker's event loop
     worker_spin_us: int = -1              # each device worker
@@ -78,10 +94,15 @@ class Config:
         return us / 1e6
 
 
-_SIMPLE = {f.name: f for f in dataclasses.fields(Config) if f.name != "tenants"}
+_SIMPLE = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("tenants", "tenant_defaults")}
 _CHOICES = {"log_format": ("auto", "json", "console"),
             "log_level": ("debug", "info", "warning", "error"),
-            "unknown_tenants": ("admit", "refuse")}
+            "unknown_tenants": ("admit", "refuse"),
+            "policy": ("fair", "fcfs"),
+            "priority": ("batch", "latency"),
+            "isolation": ("shared", "dedicated")}
+_POLICY = {f.name: f for f in dataclasses.fields(TenantPolicy)}
+_MATCH = ("name", "user", "group", "uid", "gid")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -99,6 +120,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"config: {key} = {value!r} has the wrong type (expected {type(default).__name__})")
+    base = key.rsplit(".", 1)[-1]
+    if base == "weight" and value <= 0:
+        raise ConfigError(f"config: {key} = {value} must be positive")
+    if base in ("device_memory", "total_memory", "max_graph_seconds") and value < 0:
+        raise ConfigError(f"config: {key} = {value} must be >= 0 (0: no limit)")
+    if base in ("device_memory", "total_memory", "max_graph_seconds"):
+        return value
+    if base == "libraries" and any(len(d) != 64 or set(d) - set("0123456789abcdef") for d in value):
+        raise ConfigError(f"config: {key} must list library digests (64 lowercase hex characters)")
+    if base in _CHOICES and value not in _CHOICES[base]:
+        raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(_CHOICES[base])}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"config: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}")
     if key.endswith("spin_us"):
@@ -112,29 +144,45 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _tenant(i: int, raw: Any) -> TenantRule:
+def _policy(where: str, raw: Mapping[str, Any], base: TenantPolicy) -> TenantPolicy:
+    values = {}
+    for k, v in raw.items():
+        if k not in _POLICY:
+            raise ConfigError(f"config: {where}: unknown key {k!r}")
+        values[k] = _coerce(f"{where}.{k}", v, _POLICY[k].default)
+    return dataclasses.replace(base, **values)
+
+
+def _tenant(i: int, raw: Any, defaults: TenantPolicy) -> TenantRule:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: tenants[{i}] must be a table")
-    known = {f.name: f for f in dataclasses.fields(TenantRule)}
-    for k in raw:
-        if k not in known:
-            raise ConfigError(f"config: tenants[{i}]: unknown key {k!r}")
     if not isinstance(raw.get("name"), str) or not raw["name"]:
         raise ConfigError(f"config: tenants[{i}]: 'name' is required")
-    values = {k: _coerce(f"tenants[{i}].{k}", v, known[k].default if k != "name" else "")
-              for k, v in raw.items()}
-    if isinstance(values.get("uid"), int) and values["uid"] < -1 or isinstance(values.get("gid"), int) and values["gid"] < -1:
+    match = {k: v for k, v in raw.items() if k in _MATCH}
+    known = {f.name: f for f in dataclasses.fields(TenantRule)}
+    values = {k: _coerce(f"tenants[{i}].{k}", v, known[k].default if k != "name" else "") for k, v in match.items()}
+    if values.get("uid", -1) < -1 or values.get("gid", -1) < -1:
         raise ConfigError(f"config: tenants[{i}]: uid/gid must be >= 0")
-    return TenantRule(**values)
+    if not any(k in values for k in ("user", "group", "uid", "gid")):
+        raise ConfigError(f"config: tenants[{i}] ({raw['name']}): give at least one of user, group, uid, gid")
+    policy = _policy(f"tenants[{i}]", {k: v for k, v in raw.items() if k not in _MATCH}, defaults)
+    return TenantRule(**values, policy=policy)
 
 
 def from_mapping(data: Mapping[str, Any], base: Config = Config()) -> Config:
     changes: dict[str, Any] = {}
+    defaults = base.tenant_defaults
+    if "tenant_defaults" in data:
+        if not isinstance(data["tenant_defaults"], Mapping):
+            raise ConfigError("config: tenant_defaults must be a table ([tenant_defaults])")
+        defaults = changes["tenant_defaults"] = _policy("tenant_defaults", data["tenant_defaults"], TenantPolicy())
     for key, value in data.items():
+        if key == "tenant_defaults":
+            continue
         if key == "tenants":
             if not isinstance(value, list):
                 raise ConfigError("config: tenants must be an array of tables ([[tenants]])")
-            changes["tenants"] = tuple(_tenant(i, t) for i, t in enumerate(value))
+            changes["tenants"] = tuple(_tenant(i, t, defaults) for i, t in enumerate(value))
         elif key in _SIMPLE:
             changes[key] = _coerce(key, value, _SIMPLE[key].default)
         else:

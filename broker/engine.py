@@ -10,6 +10,7 @@ Tenant-facing ids never reach here: sessions translate them to the global ids be
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import fcntl
 import functools
@@ -27,11 +28,12 @@ import msgspec
 import structlog
 
 from . import errors
-from .config import Config
+from .config import Config, TenantPolicy
 from .graph import ResidentRef, Resolved
 from .metrics import Metrics
+from .pool.residency import Admission, Pool
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
-from .scheduler import Job, Scheduler
+from .scheduler import LATENCY, Job, Scheduler
 from .streams.wire import (
     WEvictResident,
     WLoadLibrary,
@@ -122,6 +124,13 @@ class TenantState:
     resident_refs: dict[str, ResidentRef] = field(default_factory=dict)
     gen: int = 0
     arenas: int = 0  # arenas its sessions hold
+    policy: TenantPolicy = TenantPolicy()
+    # Backpressure. Invariants: in_sched = its graphs in the scheduler (queued or running), at most
+    # policy.max_inflight; parked = graphs beyond that, in arrival order; waiting = those not yet
+    # dispatched (parked or queued), at most policy.max_queued.
+    in_sched: int = 0
+    parked: collections.deque[_Pending] = field(default_factory=collections.deque)
+    waiting: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +153,8 @@ class _Pending:
     trace: list[float] | None = None
     worker: WorkerHandle | None = None     # the worker running this attempt
     timer: asyncio.TimerHandle | None = None  # this attempt's deadline
+    admission: Admission | None = None     # its device memory, from the pool, while dispatched
+    in_sched: bool = False                 # counted in its tenant's in_sched (handed to the scheduler)
     verdict: str = ""                      # after its worker died: culprit | suspect | innocent
     culprit: errors.KaasError | None = None  # what a culprit is told
     attempts: int = 0                      # replays so far
@@ -217,6 +228,7 @@ class Engine:
         self._respawns: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self.scheduler = Scheduler(lanes, config.policy)
+        self.pool = Pool({d: 1 << 40 for d in devices})  # real capacities once the workers report them
         self.arenas: dict[int, ArenaRecord] = {}
         self.libraries: dict[str, LibraryRecord] = {}
         self.residents: dict[int, ResidentRecord] = {}
@@ -224,7 +236,7 @@ class Engine:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
-                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0}
+                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0, "evictions": 0}
         self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults
         self.quarantined: dict[tuple[str, str, str], float] = {}  # -> since (time.time())
         self.spin = config.spin("spin_us", devices)
@@ -246,6 +258,13 @@ class Engine:
 
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers.values()))
+        cap = self.max_graph_bytes()
+        self.pool = Pool({d: min(cap, self._capacity(w)) for d, w in self.workers.items()},
+                         on_evict=lambda e: self.metrics.tenant(e.tenant).evicted(e.device))
+
+    def _capacity(self, w: WorkerHandle) -> int:
+        mem = int(w.info.get("memory", 0)) or 1 << 40
+        return int(mem * (0.9 if w.device.startswith("cuda") else 0.25))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -284,6 +303,7 @@ class Engine:
         for p in running:
             p.verdict = p.verdict or "innocent"
         self.scheduler.set_down(worker.device, True)
+        self.pool.clear_device(worker.device)
         for r in self.residents.values():
             r.devices.discard(worker.device)
         if not self._stopping and worker.device not in self._respawns:
@@ -370,12 +390,20 @@ class Engine:
                 for d, w in self.workers.items()]
 
     # -- tenants ---------------------------------------------------------------------------
-    def tenant_open(self, name: str) -> TenantState:
+    def tenant_open(self, name: str, policy: TenantPolicy | None = None) -> TenantState:
         st = self.tenants.get(name)
         if st is None:
             st = self.tenants[name] = TenantState(name)
         st.sessions += 1
+        if policy is not None:
+            self.set_policy(st, policy)
         return st
+
+    def set_policy(self, st: TenantState, policy: TenantPolicy) -> None:
+        """Apply (new) limits to a tenant: weight and class for its next graphs, quotas at once."""
+        st.policy = policy
+        self.pool.set_tenant(st.name, policy.weight, policy.device_memory or None, policy.total_memory or None)
+        self._unpark(st)
 
     def tenant_close(self, st: TenantState) -> None:
         st.sessions -= 1
@@ -478,6 +506,11 @@ class Engine:
             raise errors.InvalidArgument(f"library of {len(data)} bytes exceeds {MAX_LIBRARY_BYTES} bytes")
         specs = check_kernel_specs(kernels)
         digest = library_digest(fmt, data, kernels, options)
+        allowed = tenant.policy.libraries
+        if allowed and digest not in allowed:
+            raise errors.PermissionDenied(
+                f"library {digest[:16]}... is not on this tenant's list of vetted libraries",
+                detail={"library": digest})
         rec = self.libraries.get(digest)
         cached = digest in tenant.libraries  # never reveal what other tenants registered
         if rec is None:
@@ -553,15 +586,12 @@ class Engine:
         if self.residents.pop(rec.gid, None) is None:
             return
         for d in rec.devices:
+            self.pool.remove(d, rec.gid)
             w = self.workers[d]
             if w.alive:
                 w.send_cb(WEvictResident(w.next_seq(), rec.gid), _ignore)
         rec.devices.clear()
         os.close(rec.fd)
-
-    def _holds(self, device: str, residents: frozenset[int]) -> int:
-        return sum(self.residents[r].nbytes for r in residents if r in self.residents
-                   and device in self.residents[r].devices)
 
     # -- graphs ----------------------------------------------------------------------------
     def submit(self, *, tenant: str, session: int, resolved: Resolved, timeout: float,
@@ -570,11 +600,20 @@ class Engine:
         """Queue a validated graph; ``on_done`` gets its result or typed error, exactly once."""
         if not self._respawns and not any(w.alive for w in self.workers.values()):
             raise errors.NoDevice("no device worker is running")  # while one restarts, graphs wait
+        st = self.tenants[tenant]
+        pol = st.policy
+        if st.waiting >= pol.max_queued:
+            raise errors.TooManyRequests(f"tenant has {st.waiting} graphs waiting (limit {pol.max_queued})",
+                                         detail={"waiting": st.waiting, "limit": pol.max_queued})
         arenas = tuple(self.arenas[g] for g in resolved.arenas)
         residents = tuple(self.residents[r] for r in resolved.residents)
+        self.pool.check_fits(tenant, resolved.device_bytes + sum(r.nbytes for r in residents))
         now = time.monotonic()
-        job = Job(next(self._ids), tenant, session, now, resolved.residents, priority)
-        p = _Pending(job, resolved, on_done, now, timeout, arenas, residents,
+        if pol.priority == "latency":
+            priority = LATENCY
+        job = Job(next(self._ids), tenant, session, now, resolved.residents, priority, weight=pol.weight)
+        deadline = min((t for t in (timeout, pol.max_graph_seconds) if t > 0), default=0.0)
+        p = _Pending(job, resolved, on_done, now, deadline, arenas, residents,
                      trace=[trace_from] if trace_from else None)
         for a in arenas:
             a.inflight += 1
@@ -582,10 +621,25 @@ class Engine:
         for r in residents:
             r.inflight += 1
         self._pending[job.id] = p
-        self.scheduler.submit(job, now)
-        self._pump()
+        st.waiting += 1
+        if st.in_sched < pol.max_inflight:
+            st.in_sched += 1
+            p.in_sched = True
+            self.scheduler.submit(job, now)
+            self._pump()
+        else:
+            st.parked.append(p)  # waits for one of its own graphs to end: others are not held up
         self._kick(now)
         return job.id
+
+    def _unpark(self, st: TenantState) -> None:
+        now = time.monotonic()
+        while st.parked and st.in_sched < st.policy.max_inflight:
+            p = st.parked.popleft()
+            st.in_sched += 1
+            p.in_sched = True
+            self.scheduler.submit(p.job, now)
+        self._pump()
 
     def _kick(self, now: float) -> None:
         """Keep the event loop polling (never sleeping) for ``spin`` seconds after activity."""
@@ -605,23 +659,69 @@ class Engine:
 
     def cancel_session(self, session: int) -> int:
         """Drop a closing session's queued graphs (running ones finish); returns how many."""
-        gone = self.scheduler.cancel(lambda j: j.session == session)
-        for job in gone:
-            p = self._pending.pop(job.id)
-            self._release_uses(p)
-            p.on_done(errors.SessionClosed("the session closed before the graph ran"))
+        gone = [self._pending[j.id] for j in self.scheduler.cancel(lambda j: j.session == session)]
+        for st in self.tenants.values():
+            mine = [p for p in st.parked if p.job.session == session]
+            for p in mine:
+                st.parked.remove(p)
+            gone += mine
+        for p in gone:
+            self._finish_unrun(p, errors.SessionClosed("the session closed before the graph ran"))
+        for name in {p.job.tenant for p in gone}:
+            if name in self.tenants:
+                self._unpark(self.tenants[name])
         return len(gone)
 
+    def _finish_unrun(self, p: _Pending, err: errors.KaasError) -> None:
+        """End a graph that never reached a device (cancelled or refused at dispatch)."""
+        self._pending.pop(p.job.id, None)
+        st = self.tenants.get(p.job.tenant)
+        if st is not None:
+            st.waiting -= 1
+            if p.in_sched:
+                st.in_sched -= 1
+                p.in_sched = False
+        self._release_uses(p)
+        p.on_done(err)
+
     def _pump(self) -> None:
-        plan = self.scheduler.schedule(time.monotonic(), self._holds)
+        plan = self.scheduler.schedule(time.monotonic(), self.pool.held, self._admit)
         for a in plan:
             self._dispatch(a.job, a.device)
+        for r in plan.rejected:
+            p = self._pending.get(r.job.id)
+            if p is not None:
+                self._finish_unrun(p, r.error)
+                self._unpark(self.tenants[p.job.tenant])
+
+    def _admit(self, job: Job, device: str) -> bool:
+        """Ask the pool for the graph's memory on ``device``; commits what it answers."""
+        p = self._pending[job.id]
+        now = time.monotonic()
+        adm = self.pool.plan_admit(device, job.tenant, {r.gid: r.nbytes for r in p.residents},
+                                   p.resolved.device_bytes, now)
+        if adm is None:
+            return False
+        self.pool.commit(adm, now)
+        p.admission = adm
+        return True
 
     def _dispatch(self, job: Job, device: str) -> None:
         p = self._pending[job.id]
         w = self.workers[device]
         p.dispatched = time.monotonic()
-        for r in p.residents:
+        self.tenants[job.tenant].waiting -= 1
+        adm = p.admission
+        for ev in adm.evict if adm is not None else ():
+            rec = self.residents.get(ev.resident)
+            if rec is not None:
+                rec.devices.discard(ev.device)
+            ew = self.workers[ev.device]
+            if ew.alive:
+                ew.send_cb(WEvictResident(ew.next_seq(), ev.resident), _ignore)
+            self.stats["evictions"] += 1
+        for rid, _ in adm.put if adm is not None else ((r.gid, r.nbytes) for r in p.residents):
+            r = self.residents[rid]
             if device not in r.devices:
                 r.devices.add(device)
                 w.send_cb(WPutResident(w.next_seq(), r.gid, r.nbytes), functools.partial(self._put_done, r, device),
@@ -653,6 +753,7 @@ class Engine:
     def _put_done(self, rec: ResidentRecord, device: str, outcome: WReply | errors.KaasError) -> None:
         if isinstance(outcome, errors.KaasError) or outcome.code:
             rec.devices.discard(device)
+            self.pool.remove(device, rec.gid)
 
     def _graph_done(self, job_id: int, device: str, outcome: WReply | errors.KaasError) -> None:
         p = self._pending.pop(job_id, None)
@@ -662,10 +763,18 @@ class Engine:
         self.scheduler.complete(job_id, now, device_time)
         if p is not None and p.timer is not None:
             p.timer.cancel()
+        if p is not None and p.admission is not None:
+            self.pool.release(p.admission)
+            p.admission = None
         if p is not None and (reply is None or reply.code) and self._replay(p, reply, now):
             self._pump()
             return
         if p is not None:
+            st = self.tenants.get(p.job.tenant)
+            if st is not None and p.in_sched:
+                st.in_sched -= 1
+                p.in_sched = False
+                self._unpark(st)
             self._release_uses(p)
             tm = self.metrics.tenant(p.job.tenant)
             if reply is not None and not reply.code:
@@ -704,6 +813,8 @@ class Engine:
         p.verdict, p.culprit, p.worker, p.timer, p.dispatched = "", None, None, None, 0.0
         p.job.device = None
         self._pending[p.job.id] = p
+        if p.job.tenant in self.tenants:
+            self.tenants[p.job.tenant].waiting += 1
         self.scheduler.requeue(p.job, isolate=verdict == "suspect")
         self.stats["replays"] += 1
         log.info("graph_replayed", tenant=p.job.tenant, attempt=p.attempts, isolated=verdict == "suspect")

@@ -70,6 +70,7 @@ class Resolved:
     output_bytes: int = 0
     temp_bytes: int = 0
     order: tuple[int, ...] = field(default=())
+    device_bytes: int = 0  # per-request device memory: temps and device copies of arena buffers
 
 
 def _dims(what: str, dims: tuple[int, ...], hi: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -212,7 +213,7 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
     order = _toposort([k.deps for k in spec.kernels])
     graph = ExecGraph(tuple(buffers), tuple(kernels[i] for i in order))
     return Resolved(graph, frozenset(used_arenas), frozenset(used_res), frozenset(used_libs),
-                    nin, nout, ntemp, tuple(order))
+                    nin, nout, ntemp, tuple(order), footprint)
 
 
 def _toposort(deps: list[tuple[int, ...]]) -> list[int]:

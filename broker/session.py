@@ -152,7 +152,7 @@ class Session:
             self.close()
             return
         self.tenant = tenant
-        self.state = self.engine.tenant_open(tenant.name)
+        self.state = self.engine.tenant_open(tenant.name, tenant.policy)
         self.log = self.log.bind(tenant=tenant.name)
         self.log.info("session_open", client=msg.client)
         self._send(encode(Welcome(PROTOCOL_VERSION, self.id, tenant.name, self.engine.config.max_frame,

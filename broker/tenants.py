@@ -8,7 +8,7 @@ import pwd
 from dataclasses import dataclass
 
 from . import errors
-from .config import Config, TenantRule
+from .config import Config, TenantPolicy, TenantRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,11 @@ class Peer:
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
-    weight: float = 1.0
+    policy: TenantPolicy = TenantPolicy()
+
+    @property
+    def weight(self) -> float:
+        return self.policy.weight
 
 
 @functools.lru_cache(maxsize=4096)
@@ -76,8 +80,15 @@ class TenantDirectory:
         groups = _groups(peer) if any(r.group for r in self.config.tenants) else set()
         for rule in self.config.tenants:
             if _matches(rule, peer, user, groups):
-                return Tenant(rule.name, rule.weight)
+                return Tenant(rule.name, rule.policy)
         if self.config.unknown_tenants == "refuse":
             raise errors.PermissionDenied(f"uid {peer.uid} is not a tenant of this broker",
-                                       detail={"uid": peer.uid})
-        return Tenant(f"uid:{peer.uid}" if not user else f"user:{user}")
+                                          detail={"uid": peer.uid})
+        return Tenant(f"uid:{peer.uid}" if not user else f"user:{user}", self.config.tenant_defaults)
+
+    def policy_of(self, name: str) -> TenantPolicy:
+        """The policy the current config gives tenant ``name`` (defaults when no rule names it)."""
+        for rule in self.config.tenants:
+            if rule.name == name:
+                return rule.policy
+        return self.config.tenant_defaults

@@ -35,7 +35,13 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
     ("log_format = 'xml'", "log_format = 'xml' is not one of"),
     ("host_modules = 'x'", "host_modules"),
     ("[[tenants]]\nuser = 'x'", "tenants[0]: 'name' is required"),
-    ("[[tenants]]\nname = 'a'\nweigth = 2", "tenants[0]: unknown key 'weigth'"),
+    ("[[tenants]]\nname = 'a'\nuid = 5\nweigth = 2", "tenants[0]: unknown key 'weigth'"),
+    ("[[tenants]]\nname = 'a'\nweight = 2", "give at least one of user, group, uid, gid"),
+    ("[[tenants]]\nname = 'a'\nuid = 5\nweight = 0", "weight = 0.0 must be positive"),
+    ("[[tenants]]\nname = 'a'\nuid = 5\npriority = 'urgent'", "priority = 'urgent' is not one of"),
+    ("[tenant_defaults]\nmax_queued = 0", "max_queued = 0 must be positive"),
+    ("[tenant_defaults]\ndevice_memory = -1", "device_memory = -1 must be >= 0"),
+    ("policy = 'lottery'", "policy = 'lottery' is not one of"),
     ("this is not toml", "not valid TOML"),
 ])
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, words: str) -> None:
@@ -46,6 +52,16 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, words: str) -> 
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(str(tmp_path / "nope.toml"), env={})
+
+
+def test_tenant_policy_defaults_and_overrides(tmp_path: Path) -> None:
+    cfg = load(str(_write(tmp_path, "[tenant_defaults]\nmax_inflight = 8\ndevice_memory = 1000\n"
+                                    "[[tenants]]\nname = 'fast'\nuid = 7\npriority = 'latency'\nweight = 3\n")), env={})
+    fast = TenantDirectory(cfg).resolve(Peer(1, 7, 7))
+    other = TenantDirectory(cfg).resolve(Peer(1, 8, 8))
+    assert (fast.policy.priority, fast.weight, fast.policy.max_inflight, fast.policy.device_memory) == (
+        "latency", 3.0, 8, 1000)  # unset keys of a rule come from [tenant_defaults]
+    assert (other.policy.priority, other.weight, other.policy.max_inflight) == ("batch", 1.0, 8)
 
 
 def test_tenant_rules_first_match_wins(tmp_path: Path) -> None:

@@ -109,3 +109,14 @@ def test_repeat_offender_is_quarantined_and_its_other_kernels_are_not(broker_fac
         _all_correct(_sgemm_jobs(same_tenant, 2))
         with pytest.raises(errors.Quarantined):
             same_tenant.run(_bad_graph(same_tenant, "crash"))
+
+
+def test_library_allowlist_admits_only_vetted_digests(broker_factory: BrokerFactory) -> None:
+    from broker.engine import library_digest
+
+    vetted = library_digest("cuda", kernels.SOURCE.encode(), kernels.KERNELS, ())
+    b = broker_factory(f'[tenant_defaults]\nlibraries = ["{vetted}"]\n')
+    with tenantlib.connect(b.socket) as c:
+        assert kernels.library(c).digest == vetted
+        with pytest.raises(errors.PermissionDenied, match="not on this tenant's list of vetted libraries"):
+            kernels.library(c, options=["-DUNVETTED=1"])
