@@ -3,6 +3,7 @@
     kaas-bench latency   [--device auto] [--iterations N] [--tenants K] [--json] [--plot PNG]
     kaas-bench bandwidth [--device auto] [--min-size 4K] [--max-size 1G] [--json] [--plot PNG]
     kaas-bench fuzz      [--device cpu] [--cases N] [--seed S] [--json]
+    kaas-bench fairness  [--device cpu] [--seconds 20] [--weights 1,2] [--policy fair|fcfs] [--json] [--plot PNG]
 
 Each starts its own broker on ``--device`` unless ``--socket`` names a running one.
 ``latency`` times the null graph (one empty kernel, no buffers) round trip from K tenant
@@ -302,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     bw.add_argument("--seconds", type=float, default=0.5, help="time per size")
     bw.add_argument("--min-iterations", type=int, default=5)
     bw.set_defaults(func=cmd_bandwidth)
+
+    from bench import fairness
+
+    fairness.add_parser(sub)
 
     fz = sub.add_parser("fuzz", help="hostile frames and graphs against a broker; every reply must be typed")
     common(fz)
