@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import resource
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import structlog
 
-from . import __version__, systemd
+from . import __version__, errors, systemd
 from . import log as kaas_log
 from .config import Config, ConfigError, load
 from .engine import Engine
@@ -68,8 +70,12 @@ def parse_devices(spec: str, count_cuda: object = cuda_device_count) -> list[str
 
 
 async def serve(config: Config, devices: list[str], *, sock: socket.socket | None = None,
-                ready: asyncio.Event | None = None) -> int:
-    """Run the broker until SIGTERM/SIGINT. ``sock``: a listening socket handed over by systemd."""
+                ready: asyncio.Event | None = None, reread: Callable[[], Config] | None = None) -> int:
+    """Run the broker until SIGTERM/SIGINT. ``sock``: a listening socket handed over by systemd.
+
+    ``reread`` re-reads the configuration for SIGHUP and ``kaasctl reload``: tenant policy and fault
+    settings change at once for every session; devices, sockets and lanes need a restart.
+    """
     notifier = systemd.Notifier()
     notifier.status(f"starting device workers: {', '.join(devices)}")
     metrics = Metrics()
@@ -92,10 +98,36 @@ async def serve(config: Config, devices: list[str], *, sock: socket.socket | Non
     if interval:
         dog = systemd.Watchdog(notifier, interval)
         dog.start()
+    async def reload() -> str:
+        if reread is None:
+            raise errors.InvalidArgument("this broker has no configuration to re-read")
+        try:
+            new = reread()
+        except ConfigError as exc:
+            logger.warning("reload_refused", error=str(exc))
+            raise errors.InvalidArgument(f"reload refused, the old configuration stays: {exc}") from None
+        notifier.reloading("re-reading the configuration")
+        server.directory.config = new
+        engine.config = engine.config.replace(
+            tenants=new.tenants, tenant_defaults=new.tenant_defaults, unknown_tenants=new.unknown_tenants,
+            admin_group=new.admin_group, max_graph_seconds=new.max_graph_seconds,
+            replay_attempts=new.replay_attempts, quarantine_after=new.quarantine_after)
+        for st in engine.tenants.values():
+            engine.set_policy(st, server.directory.policy_of(st.name))
+        logger.info("reloaded", tenant_rules=len(new.tenants))
+        notifier.ready(f"serving {', '.join(devices)} on {path} (reloaded)")
+        return f"{len(new.tenants)} tenant rules; policies applied to {len(engine.tenants)} tenants"
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a refusal was logged
+
+    engine.reload_hook = reload
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     print(f"kaas-broker {__version__}: listening on {path} with {', '.join(devices)}", file=sys.stderr, flush=True)
     notifier.ready(f"serving {', '.join(devices)} on {path}")
     if ready is not None:
@@ -103,8 +135,14 @@ async def serve(config: Config, devices: list[str], *, sock: socket.socket | Non
     try:
         await stop.wait()
     finally:
-        logger.info("stopping")
-        notifier.stopping(f"stopping: {len(server.connections)} sessions")
+        # Graceful: take nothing new, refuse what has not started, let running graphs finish.
+        server.stop_accepting()
+        engine.accepting = False
+        refused = engine.refuse_queued(errors.ShuttingDown("the broker is shutting down; this graph did not start"))
+        notifier.stopping(f"stopping: {refused} queued graphs refused, waiting for running ones")
+        logger.info("stopping", refused=refused, grace=config.shutdown_grace)
+        if not await engine.wait_idle(config.shutdown_grace):
+            logger.warning("grace_period_over", still_running=len(engine._pending))
         if msrv is not None:
             msrv.close()
         await server.close()
@@ -152,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as a fallback
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        return runner(serve(config, devices, sock=inherited[0] if inherited else None))
+        reread = functools.partial(load, args.config, socket=args.socket, device=args.device, policy=args.policy)
+        return runner(serve(config, devices, sock=inherited[0] if inherited else None, reread=reread))
     except OSError as exc:
         print(f"kaas-broker: {exc}", file=sys.stderr)
         return 1

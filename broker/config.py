@@ -75,6 +75,8 @@ class Config:
     log_format: str = "auto"              # auto | json | console
     log_level: str = "info"
     unknown_tenants: str = "admit"        # admit | refuse
+    admin_group: str = ""                 # members (and root) may use kaasctl's admin commands
+    shutdown_grace: float = 30.0          # seconds running graphs get to finish on SIGTERM
     tenant_defaults: TenantPolicy = field(default=TenantPolicy())
     # Busy-polling after activity trades a core for wake-up latency; -1: on only with CUDA devices.
     spin_us: int = -1                     # the broker's event loop

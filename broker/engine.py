@@ -20,7 +20,7 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,8 @@ class TenantState:
     gen: int = 0
     arenas: int = 0  # arenas its sessions hold
     policy: TenantPolicy = TenantPolicy()
+    graphs: int = 0              # graphs it ran to completion
+    device_seconds: float = 0.0  # device time charged to it
     # Backpressure. Invariants: in_sched = its graphs in the scheduler (queued or running), at most
     # policy.max_inflight; parked = graphs beyond that, in arrival order; waiting = those not yet
     # dispatched (parked or queued), at most policy.max_queued.
@@ -227,6 +229,10 @@ class Engine:
         self.workers: dict[str, WorkerHandle] = {d: self._new_worker(d) for d in devices}
         self._respawns: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
+        self.accepting = True  # False once shutting down: new graphs are refused
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.reload_hook: Callable[[], Awaitable[str]] | None = None  # set by the daemon: re-read the config
         self.scheduler = Scheduler(lanes, config.policy)
         self.pool = Pool({d: 1 << 40 for d in devices})  # real capacities once the workers report them
         self.arenas: dict[int, ArenaRecord] = {}
@@ -598,6 +604,8 @@ class Engine:
                on_done: Callable[[GraphResult | errors.KaasError], None], priority: int = 0,
                trace_from: float = 0.0) -> int:
         """Queue a validated graph; ``on_done`` gets its result or typed error, exactly once."""
+        if not self.accepting:
+            raise errors.ShuttingDown("cannot run graph: the broker is shutting down")
         if not self._respawns and not any(w.alive for w in self.workers.values()):
             raise errors.NoDevice("no device worker is running")  # while one restarts, graphs wait
         st = self.tenants[tenant]
@@ -621,6 +629,7 @@ class Engine:
         for r in residents:
             r.inflight += 1
         self._pending[job.id] = p
+        self._idle.clear()
         st.waiting += 1
         if st.in_sched < pol.max_inflight:
             st.in_sched += 1
@@ -684,7 +693,34 @@ class Engine:
         self._release_uses(p)
         p.on_done(err)
 
+    def pump(self) -> None:
+        """Place what can run now (after an administrator changed what may run where)."""
+        self._pump()
+
+    def refuse_queued(self, err: errors.KaasError) -> int:
+        """Fail every graph not yet on a device (shutdown); running ones go on. Returns how many."""
+        gone = [self._pending[j.id] for j in self.scheduler.cancel(lambda j: True) if j.id in self._pending]
+        for st in self.tenants.values():
+            gone += st.parked
+            st.parked.clear()
+        for p in gone:
+            self._finish_unrun(p, err)
+        return len(gone)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no graph is queued or running; False if ``timeout`` passed first."""
+        if not self._pending:
+            return True
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def _pump(self) -> None:
+        if not self._pending:
+            self._idle.set()
         plan = self.scheduler.schedule(time.monotonic(), self.pool.held, self._admit)
         for a in plan:
             self._dispatch(a.job, a.device)
@@ -769,8 +805,8 @@ class Engine:
         if p is not None and (reply is None or reply.code) and self._replay(p, reply, now):
             self._pump()
             return
+        st = self.tenants.get(p.job.tenant) if p is not None else None
         if p is not None:
-            st = self.tenants.get(p.job.tenant)
             if st is not None and p.in_sched:
                 st.in_sched -= 1
                 p.in_sched = False
@@ -780,6 +816,9 @@ class Engine:
             if reply is not None and not reply.code:
                 t = reply.timings or Timings()
                 self.stats["graphs"] += 1
+                if st is not None:
+                    st.graphs += 1
+                    st.device_seconds += t.kernels
                 tm.graph_done(device, now - p.submitted, t.kernels, p.resolved.input_bytes, p.resolved.output_bytes)
                 trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
                 p.on_done(GraphResult(device, Timings(

@@ -200,9 +200,17 @@ class Status(_Base, tag="status", frozen=True):
     req: int
 
 
+class Admin(_Base, tag="admin", frozen=True):
+    """An administrator's command (root or the configured admin group): see ``broker.admin``."""
+
+    req: int
+    command: str
+    args: dict[str, Any] = {}
+
+
 TenantMessage = Union[
     Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident,
-    RunGraph, Ping, Status,
+    RunGraph, Ping, Status, Admin,
 ]
 
 

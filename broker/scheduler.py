@@ -327,6 +327,7 @@ class Scheduler:
         self.lanes = dict(lanes)
         self.running: dict[str, set[int]] = {d: set() for d in lanes}
         self.down: set[str] = set()
+        self.drained: set[str] = set()  # administratively closed to new graphs; running ones finish
         self.policy = create_policy(policy) if isinstance(policy, str) else policy
         self._jobs: dict[int, Job] = {}
         # Graphs to run again after a fault that was not theirs, ahead of the policy's queue.
@@ -352,7 +353,7 @@ class Scheduler:
         (self._isolated if isolate else self._replays).append(job)
 
     def free(self, device: str) -> int:
-        if device in self.down or device in self.exclusive:
+        if device in self.down or device in self.drained or device in self.exclusive:
             return 0
         return self.lanes[device] - len(self.running[device])
 
@@ -407,9 +408,10 @@ class Scheduler:
     def _place_isolated(self, now: float, out: list[Assignment]) -> str | None:
         """Start waiting suspects on idle devices; returns a device to drain for the next one."""
         while self._isolated:
-            idle = [d for d in self.lanes if d not in self.down and d not in self.exclusive and not self.running[d]]
+            usable = [d for d in self.lanes if d not in self.down and d not in self.drained and d not in self.exclusive]
+            idle = [d for d in usable if not self.running[d]]
             if not idle:
-                alive = [d for d in self.lanes if d not in self.down and d not in self.exclusive]
+                alive = usable
                 # Nothing new goes to the emptiest device until it is idle: the suspect cannot starve.
                 return min(alive, key=lambda d: len(self.running[d])) if alive else None
             job, d = self._isolated.popleft(), idle[0]

@@ -23,6 +23,7 @@ from .engine import ArenaRecord, Engine, GraphResult, TenantState
 from .graph import ArenaRef, Limits, Resolved, resolve
 from .protocol import (
     PROTOCOL_VERSION,
+    Admin,
     ArenaRegistered,
     Done,
     Error,
@@ -190,6 +191,10 @@ class Session:
             self._finish(req, Pong(req))
         elif isinstance(msg, Status):
             self._finish(req, StatusReply(req, self.status()))
+        elif isinstance(msg, Admin):
+            if not self.directory.is_admin(self.peer):
+                raise errors.PermissionDenied("admin commands are for root and the broker's admin group")
+            self._spawn(req, self._admin(req, msg))
         else:  # pragma: no cover - decode_tenant admits only the types above
             raise errors.UnknownMessage(f"unexpected message {type(msg).__name__}")
 
@@ -274,6 +279,13 @@ class Session:
                                      f"arena {msg.arena} of {rec.size} bytes")
         res, cached = await self.engine.put_resident(self.state, rec, msg.offset, msg.nbytes, msg.digest)
         self._finish(req, ResidentRegistered(req, res.digest, cached))
+
+    async def _admin(self, req: int, msg: Admin) -> None:
+        from . import admin
+
+        self.log.info("admin_command", command=msg.command)
+        result = await admin.run(self.engine, msg.command, dict(msg.args))
+        self._finish(req, StatusReply(req, {"result": result}))
 
     def _spawn(self, req: int, coro: Any) -> None:
         async def runner() -> None:

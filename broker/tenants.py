@@ -86,6 +86,10 @@ class TenantDirectory:
                                           detail={"uid": peer.uid})
         return Tenant(f"uid:{peer.uid}" if not user else f"user:{user}", self.config.tenant_defaults)
 
+    def is_admin(self, peer: Peer) -> bool:
+        """Root, or a member of the configured admin group."""
+        return peer.uid == 0 or bool(self.config.admin_group and self.config.admin_group in _groups(peer))
+
     def policy_of(self, name: str) -> TenantPolicy:
         """The policy the current config gives tenant ``name`` (defaults when no rule names it)."""
         for rule in self.config.tenants:

@@ -190,6 +190,7 @@ class WorkerHandle:
             cb(err)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
+            self._ready.exception()  # a start() cancelled at shutdown no longer waits for it
 
     def _close_sock(self) -> None:
         if self._sock is not None and self._loop is not None:

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from broker.protocol import (
+    Admin,
     BrokerMessage,
+    Error,
     FrameDecoder,
     KernelSpec,
     Ping,
@@ -65,6 +67,7 @@ class Client(ClientCore):
         self._poll.register(sock, select.POLLIN)
         self._decoder = decoder
         self._replies: dict[int, BrokerMessage] = {}
+        self._session_error: errors.KaasError | None = None
         self._lock = threading.RLock()
         self.timeout = timeout
         env = os.environ.get("KAAS_SPIN_US")
@@ -121,6 +124,8 @@ class Client(ClientCore):
         deadline = None if limit is None else time.monotonic() + limit
         with self._lock:
             while req not in self._replies:
+                if self._session_error is not None:  # the broker is closing us: no reply will come
+                    raise self._session_error
                 self._check_open()
                 try:
                     data = self._recv(deadline)
@@ -133,8 +138,11 @@ class Client(ClientCore):
                 for body in self._decoder.feed(data):
                     msg = decode_broker(body)
                     r = getattr(msg, "req", 0)
-                    if r == 0:
-                        raise_if_error(msg)  # a session-level error: the broker is closing us
+                    if r == 0 and isinstance(msg, Error):
+                        # About the session, not a request (the broker is closing it). Replies that
+                        # came before it still count: raise it only for requests left unanswered.
+                        self._session_error = errors.from_wire(msg.code, msg.message, msg.detail)
+                        continue
                     self._replies[r] = msg
             return self._replies.pop(req)
 
@@ -214,6 +222,13 @@ class Client(ClientCore):
         raise_if_error(reply)
         assert isinstance(reply, StatusReply)
         return reply.info
+
+    def admin(self, command: str, **args: Any) -> Any:
+        """An administrator's command (root or the broker's admin group); see ``kaasctl``."""
+        reply = self._request(Admin(self.next_req(), command, args))
+        raise_if_error(reply)
+        assert isinstance(reply, StatusReply)
+        return reply.info["result"]
 
     def close(self) -> None:
         """End the session; the broker releases every arena. Idempotent."""

@@ -12,17 +12,18 @@ import os
 import time
 from typing import NoReturn
 
-from broker.protocol import KernelSpec
+from broker.protocol import KernelSpec, Param
 
 from .host import LaunchInfo
 
-__all__ = ["CRASH", "CRASH_EXIT_CODE", "HANG", "KERNELS", "crash", "hang"]
+__all__ = ["CRASH", "CRASH_EXIT_CODE", "HANG", "KERNELS", "SLOW", "crash", "hang", "slow"]
 
 CRASH_EXIT_CODE = 70
 
 CRASH = KernelSpec("crash", (), host="tenantlib.kernels.testing:crash")
 HANG = KernelSpec("hang", (), host="tenantlib.kernels.testing:hang")
-KERNELS: tuple[KernelSpec, ...] = (CRASH, HANG)
+SLOW = KernelSpec("slow", (Param("ms", "i32"),), host="tenantlib.kernels.testing:slow")
+KERNELS: tuple[KernelSpec, ...] = (CRASH, HANG, SLOW)
 
 
 def crash(launch: LaunchInfo) -> NoReturn:
@@ -34,3 +35,8 @@ def hang(launch: LaunchInfo) -> NoReturn:
     """Test only: never return (sleeping, so a hung worker costs no CPU); only a kill ends it."""
     while True:
         time.sleep(0.05)
+
+
+def slow(launch: LaunchInfo, ms: int) -> None:
+    """Test only: take ``ms`` milliseconds (sleeping), so a test knows what is still running."""
+    time.sleep(ms / 1000)

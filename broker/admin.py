@@ -1,0 +1,81 @@
+"""Administrator commands (``kaasctl``): what the broker runs and holds, and the few levers.
+
+Only root or members of ``admin_group`` may call them; the session checks the peer's
+credentials before anything here runs. Every command returns plain JSON-able data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+from .engine import Engine
+
+COMMANDS = ("status", "tenants", "residents", "drain", "undrain", "reload", "quarantine_list", "quarantine_clear")
+
+
+def status(engine: Engine) -> dict[str, Any]:
+    devices = []
+    for d in engine.device_info():
+        name = d["device"]
+        d.update(memory_capacity=engine.pool.capacity(name), memory_used=engine.pool.used(name),
+                 drained=name in engine.scheduler.drained)
+        devices.append(d)
+    return {"devices": devices, "queued": engine.scheduler.queued, "accepting": engine.accepting,
+            "tenants": len(engine.tenants), "stats": dict(engine.stats), "policy": engine.scheduler.policy.name}
+
+
+def tenants(engine: Engine) -> list[dict[str, Any]]:
+    total = sum(st.device_seconds for st in engine.tenants.values()) or 1.0
+    out = []
+    for st in engine.tenants.values():
+        pol = st.policy
+        out.append({
+            "tenant": st.name, "sessions": st.sessions, "weight": pol.weight, "priority": pol.priority,
+            "graphs": st.graphs, "device_seconds": st.device_seconds, "share": st.device_seconds / total,
+            "waiting": st.waiting, "running": st.in_sched - (st.waiting - len(st.parked)), "parked": len(st.parked),
+            "memory_used": engine.pool.used(tenant=st.name), "device_quota": pol.device_memory or None,
+            "total_quota": pol.total_memory or None, "residents": len(st.residents),
+            "resident_bytes": sum(r.nbytes for r in st.residents.values()), "arenas": st.arenas,
+        })
+    return sorted(out, key=lambda t: t["tenant"])
+
+
+def residents(engine: Engine) -> list[dict[str, Any]]:
+    return [{"tenant": r.tenant, "resident": r.digest, "bytes": r.nbytes, "devices": sorted(r.devices),
+             "in_use": r.inflight} for r in engine.residents.values()]
+
+
+def quarantine_list(engine: Engine) -> list[dict[str, Any]]:
+    return [{"tenant": t, "library": lib, "kernel": k, "since": since, "faults": engine.strikes.get((t, lib, k), 0)}
+            for (t, lib, k), since in sorted(engine.quarantined.items())]
+
+
+async def run(engine: Engine, command: str, args: dict[str, Any]) -> Any:
+    """Run one admin command; unknown commands and bad arguments are InvalidArgument."""
+    if command == "status":
+        return status(engine)
+    if command == "tenants":
+        return tenants(engine)
+    if command == "residents":
+        return residents(engine)
+    if command in ("drain", "undrain"):
+        device = args.get("device")
+        if device not in engine.workers:
+            raise errors.InvalidArgument(f"no device {device!r} (devices: {', '.join(engine.workers)})")
+        (engine.scheduler.drained.add if command == "drain" else engine.scheduler.drained.discard)(device)
+        if command == "undrain":
+            engine.pump()
+        return {"device": device, "drained": device in engine.scheduler.drained}
+    if command == "reload":
+        if engine.reload_hook is None:
+            raise errors.InvalidArgument("this broker was started without a config file to reload")
+        return {"reloaded": await engine.reload_hook()}
+    if command == "quarantine_list":
+        return quarantine_list(engine)
+    if command == "quarantine_clear":
+        tenant = args.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise errors.InvalidArgument("tenant must be a string")
+        return {"cleared": engine.clear_quarantine(tenant)}
+    raise errors.InvalidArgument(f"unknown admin command {command!r} (known: {', '.join(COMMANDS)})")
