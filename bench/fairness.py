@@ -164,6 +164,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"kaas-bench fairness: --weights must be numbers like 1,2 (got {args.weights!r})") from None
     if any(w <= 0 for w in weights) or len(weights) < 1:
         raise SystemExit("kaas-bench fairness: weights must be positive")
+    if args.plot:
+        from tools.bench import _pyplot
+
+        _pyplot()  # fail now, not after the run, when matplotlib is missing
     name, _, size = args.workload.partition(":")
     print(f"{len(weights)} saturating tenants, weights {args.weights}, {args.seconds:g} s on {args.device} "
           f"({args.policy}) ...", file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ import pytest
 
 import tenantlib
 from bench import fairness
-from broker.config import Config
 from tenantlib import errors, kernels
 from tests.conftest import BrokerFactory
 
