@@ -19,9 +19,9 @@ def status(engine: Engine) -> dict[str, Any]:
     for d in engine.device_info():
         name = d["device"]
         d.update(memory_capacity=engine.pool.capacity(name), memory_used=engine.pool.used(name),
-                 drained=name in engine.scheduler.drained)
+                 drained=name in engine._sched_of(name).drained)
         devices.append(d)
-    return {"devices": devices, "queued": engine.scheduler.queued, "accepting": engine.accepting,
+    return {"devices": devices, "queued": engine.queued, "accepting": engine.accepting,
             "tenants": len(engine.tenants), "stats": dict(engine.stats), "policy": engine.scheduler.policy.name}
 
 
@@ -63,10 +63,11 @@ async def run(engine: Engine, command: str, args: dict[str, Any]) -> Any:
         device = args.get("device")
         if device not in engine.workers:
             raise errors.InvalidArgument(f"no device {device!r} (devices: {', '.join(engine.workers)})")
-        (engine.scheduler.drained.add if command == "drain" else engine.scheduler.drained.discard)(device)
+        drained = engine._sched_of(device).drained
+        (drained.add if command == "drain" else drained.discard)(device)
         if command == "undrain":
             engine.pump()
-        return {"device": device, "drained": device in engine.scheduler.drained}
+        return {"device": device, "drained": device in drained}
     if command == "reload":
         if engine.reload_hook is None:
             raise errors.InvalidArgument("this broker was started without a config file to reload")

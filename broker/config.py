@@ -141,7 +141,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif key == "metrics_port":
         if not 0 <= value <= 65535:
             raise ConfigError(f"config: metrics_port = {value} is not a TCP port (0 turns metrics off)")
-    elif isinstance(value, int) and not isinstance(value, bool) and key != "socket_mode" and value <= 0:
+    elif (isinstance(value, int) and not isinstance(value, bool) and value <= 0
+          and key != "socket_mode" and base not in ("uid", "gid")):
         raise ConfigError(f"config: {key} = {value} must be positive")
     return value
 

@@ -233,7 +233,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self.reload_hook: Callable[[], Awaitable[str]] | None = None  # set by the daemon: re-read the config
-        self.scheduler = Scheduler(lanes, config.policy)
+        self.scheduler = Scheduler(lanes, config.policy)     # the shared workers
+        self.dedicated: dict[str, Scheduler] = {}           # tenant -> its own workers' scheduler
         self.pool = Pool({d: 1 << 40 for d in devices})  # real capacities once the workers report them
         self.arenas: dict[int, ArenaRecord] = {}
         self.libraries: dict[str, LibraryRecord] = {}
@@ -258,9 +259,67 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------
     def _new_worker(self, device: str) -> WorkerHandle:
+        physical, _, tenant = device.partition("#")
         return WorkerHandle(device, host_modules=self.config.host_modules, compile_check=self.config.compile_check,
                             spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
-                            on_exit=self._worker_exit)
+                            on_exit=self._worker_exit, physical=physical, tenant=tenant)
+
+    # -- pools of workers: the shared one, and one per dedicated tenant --------------------
+    def _sched_for(self, tenant: str) -> Scheduler:
+        return self.dedicated.get(tenant, self.scheduler)
+
+    def _sched_of(self, device: str) -> Scheduler:
+        _, _, tenant = device.partition("#")
+        return self.dedicated[tenant] if tenant else self.scheduler
+
+    @property
+    def queued(self) -> int:
+        """Graphs waiting for a device, parked ones included."""
+        return sum(s.queued for s in self.schedulers) + sum(len(st.parked) for st in self.tenants.values())
+
+    @property
+    def schedulers(self) -> list[Scheduler]:
+        return [self.scheduler, *self.dedicated.values()]
+
+    def _serves(self, w: WorkerHandle, tenant: TenantState | None) -> bool:
+        """Whether ``w`` may hold ``tenant``'s memory: its own workers if dedicated, else the shared ones."""
+        name = tenant.name if tenant is not None else ""
+        return w.tenant == (name if name in self.dedicated else "")
+
+    def _open_dedicated(self, st: TenantState) -> None:
+        """Give a dedicated tenant its own worker (its own context) on every device; lazily started."""
+        if st.name in self.dedicated:  # reopened before its workers were retired: keep them
+            return
+        lanes = {f"{d}#{st.name}": (self.config.lanes_cuda if d.startswith("cuda") else self.config.lanes_cpu)
+                 for d in self.devices}
+        sched = self.dedicated[st.name] = Scheduler(lanes, self.config.policy)
+        for key in lanes:
+            sched.set_down(key, True)  # until its worker is up
+            self.workers[key] = self._new_worker(key)
+            self.pool.add_device(key, self.pool.capacity(key.partition("#")[0]))
+            task = asyncio.get_running_loop().create_task(self._respawn(key, first=True))
+            self._respawns[key] = task
+            task.add_done_callback(functools.partial(self._respawn_done, key))
+
+    async def _close_dedicated(self, name: str) -> None:
+        """Retire a dedicated tenant's workers once it has no session and nothing queued or running."""
+        sched = self.dedicated.get(name)
+        if sched is None or name in self.tenants or any(sched.running.values()) or sched.queued:
+            return
+        # Detach everything before the first await: a session opening meanwhile starts afresh.
+        del self.dedicated[name]
+        keys = [k for k in self.workers if k.partition("#")[2] == name]
+        retired = []
+        for k in keys:
+            t = self._respawns.pop(k, None)
+            if t is not None:
+                t.cancel()
+            w = self.workers.pop(k)
+            w.on_exit = None
+            self.pool.remove_device(k)
+            retired.append(w)
+        await asyncio.gather(*(w.stop() for w in retired), return_exceptions=True)
+        log.info("dedicated_workers_stopped", tenant=name, workers=len(retired))
 
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers.values()))
@@ -308,7 +367,9 @@ class Engine:
                     p.verdict = "suspect"
         for p in running:
             p.verdict = p.verdict or "innocent"
-        self.scheduler.set_down(worker.device, True)
+        if worker.device not in self.workers or self.workers[worker.device] is not worker:
+            return  # a dedicated worker being retired
+        self._sched_of(worker.device).set_down(worker.device, True)
         self.pool.clear_device(worker.device)
         for r in self.residents.values():
             r.devices.discard(worker.device)
@@ -322,7 +383,7 @@ class Engine:
         if not task.cancelled() and task.exception() is not None:
             log.error("worker_respawn_crashed", device=device, error=repr(task.exception()))
 
-    async def _respawn(self, device: str) -> None:
+    async def _respawn(self, device: str, first: bool = False) -> None:
         delay = 0.05
         while not self._stopping:
             w = self._new_worker(device)
@@ -340,9 +401,10 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self.stats["worker_restarts"] += 1
-            self.metrics.worker_restarted(device)
-            self.scheduler.set_down(device, False)
+            if not first:
+                self.stats["worker_restarts"] += 1
+                self.metrics.worker_restarted(device)
+            self._sched_of(device).set_down(device, False)
             log.info("worker_respawned", device=device, pid=w.pid)
             self._pump()
             return
@@ -350,7 +412,7 @@ class Engine:
     async def _restore(self, w: WorkerHandle) -> None:
         """Give a fresh worker every live arena and library; one that fails is logged, not fatal."""
         for a in list(self.arenas.values()):
-            if a.gid in self.arenas:
+            if a.gid in self.arenas and self._serves(w, a.tenant):
                 try:
                     await self._pin_on(w, a)
                 except errors.WorkerLost:
@@ -392,14 +454,17 @@ class Engine:
         return int(min(mem) * share)
 
     def device_info(self) -> list[dict[str, Any]]:
-        return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self.scheduler.running[d]))
-                for d, w in self.workers.items()]
+        return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self._sched_of(d).running.get(d, ())),
+                     tenant=w.tenant or None) for d, w in self.workers.items()]
 
     # -- tenants ---------------------------------------------------------------------------
     def tenant_open(self, name: str, policy: TenantPolicy | None = None) -> TenantState:
         st = self.tenants.get(name)
         if st is None:
             st = self.tenants[name] = TenantState(name)
+            if policy is not None and policy.isolation == "dedicated":
+                st.policy = policy
+                self._open_dedicated(st)
         st.sessions += 1
         if policy is not None:
             self.set_policy(st, policy)
@@ -417,6 +482,9 @@ class Engine:
             for rec in list(st.residents.values()):
                 self.release_resident(st, rec)
             del self.tenants[st.name]
+            if st.name in self.dedicated and not self._stopping:
+                task = asyncio.get_running_loop().create_task(self._close_dedicated(st.name))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # -- arenas ----------------------------------------------------------------------------
     async def register_arena(self, session: int, uid: int, fd: int, size: int,
@@ -459,7 +527,8 @@ class Engine:
             tenant.arenas += 1
         try:
             _raise_unless_lost(await asyncio.gather(
-                *(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive), return_exceptions=True))
+                *(self._pin_on(w, rec) for w in list(self.workers.values()) if w.alive and self._serves(w, tenant)),
+                return_exceptions=True))
         except (Exception, asyncio.CancelledError):
             self._forget_arena(rec)
             raise
@@ -634,7 +703,7 @@ class Engine:
         if st.in_sched < pol.max_inflight:
             st.in_sched += 1
             p.in_sched = True
-            self.scheduler.submit(job, now)
+            self._sched_for(tenant).submit(job, now)
             self._pump()
         else:
             st.parked.append(p)  # waits for one of its own graphs to end: others are not held up
@@ -647,7 +716,7 @@ class Engine:
             p = st.parked.popleft()
             st.in_sched += 1
             p.in_sched = True
-            self.scheduler.submit(p.job, now)
+            self._sched_for(st.name).submit(p.job, now)
         self._pump()
 
     def _kick(self, now: float) -> None:
@@ -668,7 +737,7 @@ class Engine:
 
     def cancel_session(self, session: int) -> int:
         """Drop a closing session's queued graphs (running ones finish); returns how many."""
-        gone = [self._pending[j.id] for j in self.scheduler.cancel(lambda j: j.session == session)]
+        gone = [self._pending[j.id] for s in self.schedulers for j in s.cancel(lambda j: j.session == session)]
         for st in self.tenants.values():
             mine = [p for p in st.parked if p.job.session == session]
             for p in mine:
@@ -699,7 +768,7 @@ class Engine:
 
     def refuse_queued(self, err: errors.KaasError) -> int:
         """Fail every graph not yet on a device (shutdown); running ones go on. Returns how many."""
-        gone = [self._pending[j.id] for j in self.scheduler.cancel(lambda j: True) if j.id in self._pending]
+        gone = [self._pending[j.id] for s in self.schedulers for j in s.cancel(lambda j: True) if j.id in self._pending]
         for st in self.tenants.values():
             gone += st.parked
             st.parked.clear()
@@ -721,14 +790,15 @@ class Engine:
     def _pump(self) -> None:
         if not self._pending:
             self._idle.set()
-        plan = self.scheduler.schedule(time.monotonic(), self.pool.held, self._admit)
-        for a in plan:
-            self._dispatch(a.job, a.device)
-        for r in plan.rejected:
-            p = self._pending.get(r.job.id)
-            if p is not None:
-                self._finish_unrun(p, r.error)
-                self._unpark(self.tenants[p.job.tenant])
+        for sched in self.schedulers:
+            plan = sched.schedule(time.monotonic(), self.pool.held, self._admit)
+            for a in plan:
+                self._dispatch(a.job, a.device)
+            for r in plan.rejected:
+                p = self._pending.get(r.job.id)
+                if p is not None:
+                    self._finish_unrun(p, r.error)
+                    self._unpark(self.tenants[p.job.tenant])
 
     def _admit(self, job: Job, device: str) -> bool:
         """Ask the pool for the graph's memory on ``device``; commits what it answers."""
@@ -796,7 +866,7 @@ class Engine:
         now = time.monotonic()
         reply = outcome if isinstance(outcome, WReply) else None
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
-        self.scheduler.complete(job_id, now, device_time)
+        self._sched_of(device).complete(job_id, now, device_time)
         if p is not None and p.timer is not None:
             p.timer.cancel()
         if p is not None and p.admission is not None:
@@ -854,7 +924,7 @@ class Engine:
         self._pending[p.job.id] = p
         if p.job.tenant in self.tenants:
             self.tenants[p.job.tenant].waiting += 1
-        self.scheduler.requeue(p.job, isolate=verdict == "suspect")
+        self._sched_for(p.job.tenant).requeue(p.job, isolate=verdict == "suspect")
         self.stats["replays"] += 1
         log.info("graph_replayed", tenant=p.job.tenant, attempt=p.attempts, isolated=verdict == "suspect")
         return True

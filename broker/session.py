@@ -322,7 +322,7 @@ class Session:
 
     def status(self) -> dict[str, Any]:
         return {"session": self.id, "tenant": self.tenant.name if self.tenant else None,
-                "devices": self.engine.device_info(), "queued": self.engine.scheduler.queued,
+                "devices": self.engine.device_info(), "queued": self.engine.queued,
                 "arenas": len(self.arenas), "inflight": len(self.inflight), "stats": dict(self.engine.stats)}
 
     # -- teardown ----------------------------------------------------------------------------

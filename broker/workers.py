@@ -29,8 +29,11 @@ class WorkerHandle:
     """One device worker. ``call()`` sends a command and awaits its reply."""
 
     def __init__(self, device: str, *, host_modules: tuple[str, ...], compile_check: str, spin_us: int = 0,
-                 on_exit: Callable[[WorkerHandle, int | None], None] | None = None) -> None:
-        self.device = device
+                 on_exit: Callable[[WorkerHandle, int | None], None] | None = None, physical: str = "",
+                 tenant: str = "") -> None:
+        self.device = device            # the broker's name for this worker ("cuda:0", or "cuda:0#tenant")
+        self.physical = physical or device  # the device it opens
+        self.tenant = tenant            # "" for shared workers; the owner of a dedicated one
         self.host_modules = host_modules
         self.compile_check = compile_check
         self.spin_us = spin_us
@@ -55,7 +58,7 @@ class WorkerHandle:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             cmd = [sys.executable, "-m", "broker.streams.worker", "--fd", str(theirs.fileno()),
-                   "--device", self.device, "--host-modules", ",".join(self.host_modules),
+                   "--device", self.physical, "--host-modules", ",".join(self.host_modules),
                    "--compile-check", self.compile_check, "--spin-us", str(self.spin_us)]
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:

@@ -64,6 +64,11 @@ def test_tenant_policy_defaults_and_overrides(tmp_path: Path) -> None:
     assert (other.policy.priority, other.weight, other.policy.max_inflight) == ("batch", 1.0, 8)
 
 
+def test_root_can_be_named_by_uid_and_gid_zero(tmp_path: Path) -> None:
+    cfg = load(str(_write(tmp_path, "[[tenants]]\nname = 'ops'\nuid = 0\ngid = 0\n")), env={})
+    assert TenantDirectory(cfg).resolve(Peer(1, 0, 0)).name == "ops"
+
+
 def test_tenant_rules_first_match_wins(tmp_path: Path) -> None:
     cfg = load(str(_write(tmp_path, "[[tenants]]\nname = 'svc'\nuid = 1234\nweight = 2.0\n"
                                     "[[tenants]]\nname = 'g'\ngid = 50\n")), env={})

@@ -120,3 +120,47 @@ def test_library_allowlist_admits_only_vetted_digests(broker_factory: BrokerFact
         assert kernels.library(c).digest == vetted
         with pytest.raises(errors.PermissionDenied, match="not on this tenant's list of vetted libraries"):
             kernels.library(c, options=["-DUNVETTED=1"])
+
+
+def test_dedicated_tenant_gets_its_own_worker_and_only_its_arenas(broker_factory: BrokerFactory) -> None:
+    """isolation = "dedicated": the tenant's graphs run in its own worker process (its own context),
+    which maps only its arenas; other tenants never run there, and a crash there costs them nothing."""
+    import os
+
+    from tests.conftest import broker_pid, children
+
+    b = broker_factory(CONFIG + f'[[tenants]]\nname = "vip"\nuid = {os.getuid()}\nisolation = "dedicated"\n')
+    with tenantlib.connect(b.socket) as vip:
+        jobs = _sgemm_jobs(vip, 3)
+        _all_correct(jobs)
+        assert {p.result().device for p, *_ in jobs} == {"cpu:0#vip"}
+        devices = {d["device"]: d for d in vip.status()["devices"]}
+        assert devices["cpu:0#vip"]["tenant"] == "vip" and devices["cpu:0"]["tenant"] is None
+        assert len(children(broker_pid(b))) == 2  # the shared worker and vip's own
+        dedicated_pid, shared_pid = devices["cpu:0#vip"]["pid"], devices["cpu:0"]["pid"]
+        # vip's arenas (shared-memory segments) are held by its own worker and not by the shared one
+        assert _shm_fds(dedicated_pid) >= 9 and _shm_fds(shared_pid) == 0
+        # a crash in vip's own worker: vip's graph fails, its worker comes back, the shared one never died
+        with pytest.raises(errors.WorkerLost):
+            vip.run(_bad_graph(vip, "crash"), timeout=60)
+        _wait_restarts(vip, 1)
+        after = {d["device"]: d for d in vip.status()["devices"]}
+        assert after["cpu:0"]["pid"] == shared_pid and after["cpu:0#vip"]["pid"] != dedicated_pid
+        _all_correct(_sgemm_jobs(vip, 2))
+    end = time.monotonic() + 30
+    while len(children(broker_pid(b))) != 1:  # the last session gone: its workers stop
+        assert time.monotonic() < end, "the dedicated worker was not stopped"
+        time.sleep(0.05)
+
+
+def _shm_fds(pid: int) -> int:
+    import os
+
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                n += 1
+        except OSError:
+            continue
+    return n

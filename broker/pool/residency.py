@@ -425,6 +425,21 @@ class Pool:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def add_device(self, device: str, capacity: int) -> None:
+        """A device appears (a dedicated tenant's worker): empty, of ``capacity`` bytes."""
+        if device in self._devices:
+            raise ValueError(f"device {device!r} is already in the pool")
+        self._devices[device] = _Device(device, int(capacity))
+        self._version += 1
+
+    def remove_device(self, device: str) -> None:
+        """A device goes away; nothing may be in flight on it."""
+        dev = self._device(device)
+        if any(a.device == device for a in self._inflight.values()):
+            raise ValueError(f"device {device!r} still has graphs in flight")
+        del self._devices[dev.name]
+        self._version += 1
+
     # -- internals -------------------------------------------------------------------------
     def _device(self, device: str) -> _Device:
         try:
