@@ -1,7 +1,8 @@
-"""Arenas: POSIX shared-memory segments a tenant maps and hands to the broker by fd.
+"""Arenas: shared-memory segments a tenant maps and hands to the broker by fd.
 
-The segment's name is unlinked as soon as it is mapped, so nothing is left in
-/dev/shm; the broker receives the fd itself (SCM_RIGHTS).  Arrays are numpy views into
+Segments are memfds (they never have a name) or, where memfd is missing, POSIX segments
+unlinked as soon as mapped: nothing is left in /dev/shm; the broker receives the fd itself
+(SCM_RIGHTS).  Arrays are numpy views into
 the mapping; any C-contiguous view of an arena can be a graph buffer.
 """
 
@@ -22,9 +23,22 @@ ALIGN = 256
 
 
 def create_segment(size: int) -> tuple[int, mmap.mmap]:
-    """A new anonymous segment of ``size`` bytes: (fd, mapping). The name is already gone."""
+    """A new anonymous segment of ``size`` bytes: (fd, mapping).
+
+    A memfd (shared memory that never has a name) where the kernel offers it, so a tenant killed
+    at any instant leaves nothing in /dev/shm; otherwise a POSIX segment whose name is unlinked
+    as soon as it is mapped.
+    """
     if size <= 0:
         raise errors.InvalidArgument(f"arena size must be positive, got {size}")
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("kaas-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
     shm = posix_ipc.SharedMemory(None, posix_ipc.O_CREX, mode=0o600, size=size)
     try:
         mm = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
