@@ -260,6 +260,32 @@ def test_jacobi2d_on_2d_buffers(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(v, jacobi_reference(u), rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 9), (3, 1), (16, 16), (17, 33), (40, 23), (5, 1000)])
+def test_bias_relu(rng: np.random.Generator, rows: int, cols: int) -> None:
+    x, b = rand(rng, rows, cols), rand(rng, cols)
+    y = np.full(rows * cols + 4, SENTINEL, np.float32)
+    host.bias_relu(launch(K.launch_1d(rows * cols)), with_tail(x, 2), with_tail(b, 3), y, rows, cols)
+    got = y[: rows * cols].reshape(rows, cols)
+    expect = np.maximum(x.astype(np.float64) + b.astype(np.float64), 0.0)
+    np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got, np.maximum(x + b, np.float32(0)))  # one float32 rounding, like the kernel
+    assert (y[rows * cols:] == SENTINEL).all()
+
+
+def test_bias_relu_on_2d_buffers_degenerate_sizes_and_nan(rng: np.random.Generator) -> None:
+    x, b = rand(rng, 6, 4), rand(rng, 4)
+    y = np.full((6, 4), SENTINEL, np.float32)
+    host.bias_relu(FakeLaunch((1, 1, 1), (32, 1, 1)), x, b, y, 6, 4)
+    np.testing.assert_array_equal(y, K.ref_bias_relu(x, b))
+    before = y.copy()
+    host.bias_relu(launch(K.launch_1d(0)), x, b, y, 0, 4)
+    host.bias_relu(launch(K.launch_1d(0)), x, b, y, 6, 0)
+    np.testing.assert_array_equal(y, before)
+    x[0, 0] = np.nan  # fmaxf(NaN, 0) is 0 on the GPU; fmax matches it
+    host.bias_relu(launch(K.launch_1d(24)), x, b, y, 6, 4)
+    assert y[0, 0] == 0.0
+
+
 def test_numpy_references_agree(rng: np.random.Generator) -> None:
     a, b = rand(rng, 40), rand(rng, 40)
     np.testing.assert_allclose(K.ref_vadd(a, b), a.astype(np.float64) + b, rtol=1e-6)
@@ -269,6 +295,9 @@ def test_numpy_references_agree(rng: np.random.Generator) -> None:
     assert K.ref_sum(a) == pytest.approx(float(a.astype(np.float64).sum()))
     u = rand(rng, 9, 7)
     np.testing.assert_allclose(K.ref_jacobi(u), jacobi_reference(u), rtol=1e-6, atol=1e-6)
+    x, bias = rand(rng, 3, 5), rand(rng, 5)
+    np.testing.assert_array_equal(K.ref_bias_relu(x, bias),
+                                  np.maximum(x.astype(np.float64) + bias, 0.0).astype(np.float32))
 
 
 def test_out_of_range_sizes_are_refused() -> None:
@@ -289,6 +318,10 @@ def test_out_of_range_sizes_are_refused() -> None:
         host.reduce_final(FakeLaunch((1, 1, 1), (256, 1, 1)), small, small, 11)
     with pytest.raises(ValueError, match="jacobi2d: nx\\*ny = 12 exceeds buffer 'u'"):
         host.jacobi2d(launch(K.jacobi_launch(4, 3)), small, np.zeros(12, np.float32), 4, 3)
+    with pytest.raises(ValueError, match="bias_relu: cols = 11 exceeds buffer 'bias'"):
+        host.bias_relu(launch(K.launch_1d(11)), np.zeros(11, np.float32), small, np.zeros(11, np.float32), 1, 11)
+    with pytest.raises(ValueError, match=r"bias_relu: rows\*cols = 12 exceeds buffer 'y'"):
+        host.bias_relu(launch(K.launch_1d(12)), np.zeros(12, np.float32), small, small, 3, 4)
 
 
 def test_launch_helpers() -> None:

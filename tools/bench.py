@@ -4,6 +4,7 @@
     kaas-bench bandwidth [--device auto] [--min-size 4K] [--max-size 1G] [--json] [--plot PNG]
     kaas-bench fuzz      [--device cpu] [--cases N] [--seed S] [--json]
     kaas-bench fairness  [--device cpu] [--seconds 20] [--weights 1,2] [--policy fair|fcfs] [--json] [--plot PNG]
+    kaas-bench contention [--tenants 1,2,4,...] [--workload null,sgemm:1024,...] [--modes kaas,own-context,mps,exclusive]
 
 Each starts its own broker on ``--device`` unless ``--socket`` names a running one.
 ``latency`` times the null graph (one empty kernel, no buffers) round trip from K tenant
@@ -314,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     fz.add_argument("--seed", type=int, default=0)
     fz.add_argument("--check-every", type=int, default=1000, help="run a healthy tenant's graph this often")
     fz.set_defaults(func=cmd_fuzz, device="cpu")
+
+    from bench import contention
+
+    contention.add_parser(sub)
 
     args = p.parse_args(argv)
     for name in ("iterations", "tenants"):

@@ -14,12 +14,13 @@ kernel             parameters                                                   
 ``reduce_partial`` ``x`` in f32, ``partial`` out f32, ``n`` i32                    ``reduce_launch(n)``
 ``reduce_final``   ``partial`` in f32, ``out`` out f32, ``m`` i32                  ``reduce_final_launch()``
 ``jacobi2d``       ``u`` in f32, ``v`` out f32, ``nx``, ``ny`` i32                 ``jacobi_launch(nx, ny)``
+``bias_relu``      ``x`` in, ``bias`` in, ``y`` out (f32), ``rows``, ``cols`` i32  ``launch_1d(rows * cols)``
 =================  ==============================================================  =====================
 
 What each kernel promises about its launch:
 
-- ``vadd``, ``axpy``, ``jacobi2d`` cover their whole index range exactly once whatever grid
-  and block they get (grid-stride loops); the helpers only pick a good shape.
+- ``vadd``, ``axpy``, ``jacobi2d``, ``bias_relu`` cover their whole index range exactly once
+  whatever grid and block they get (grid-stride loops); the helpers only pick a good shape.
 - ``sgemm`` needs block ``(16, 16, 1)`` and covers all of ``C`` with any grid (it strides over
   tiles). ``reduce_partial`` and ``reduce_final`` need block ``(256, 1, 1)``: their shared
   memory is sized for it. With another block the CUDA kernel traps (a kernel fault, so the
@@ -28,7 +29,7 @@ What each kernel promises about its launch:
   thread ``t`` of block ``b`` adding ``x[i]`` for ``i = b*256 + t + k*G*256`` in order of ``k``,
   then a fixed shared-memory tree; ``reduce_final`` does the same with one block into
   ``out[0]``. The same grid gives the same bits on every run, on CPU and GPU alike.
-- ``vadd``, ``axpy``, the sum and ``jacobi2d`` round exactly as the numpy host implementations
+- ``vadd``, ``axpy``, the sum, ``jacobi2d`` and ``bias_relu`` round exactly as the numpy host implementations
   do (no FMA contraction), so CPU and GPU results are equal; ``sgemm`` agrees up to float32
   rounding (its summation order differs from BLAS).
 """
@@ -57,6 +58,7 @@ __all__ = [
     "reduce_final_launch",
     "reduce_launch",
     "ref_axpy",
+    "ref_bias_relu",
     "ref_jacobi",
     "ref_sgemm",
     "ref_sum",
@@ -183,6 +185,14 @@ extern "C" __global__ void jacobi2d(const float* u, float* v, int nx, int ny) {
         }
     }
 }
+
+// y[r][c] = max(x[r][c] + bias[c], 0) over a row-major rows x cols matrix: one layer's bias and
+// ReLU after an sgemm. fmaxf, so a NaN sum gives 0 as numpy's fmax does.
+extern "C" __global__ void bias_relu(const float* x, const float* bias, float* y, int rows, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    const long long n = (long long)rows * cols, stride = kaas_nthreads();
+    for (long long i = kaas_rank(); i < n; i += stride) y[i] = fmaxf(x[i] + bias[i % cols], 0.0f);
+}
 """
 
 
@@ -209,6 +219,9 @@ KERNELS: tuple[KernelSpec, ...] = (
                host=_host("reduce_final")),
     KernelSpec("jacobi2d", (_buf("u", "in"), _buf("v", "out"), Param("nx", "i32"), Param("ny", "i32")),
                host=_host("jacobi2d")),
+    KernelSpec("bias_relu", (_buf("x", "in"), _buf("bias", "in"), _buf("y", "out"),
+                             Param("rows", "i32"), Param("cols", "i32")),
+               host=_host("bias_relu")),
 )
 
 
@@ -295,3 +308,8 @@ def ref_jacobi(u: npt.ArrayLike) -> npt.NDArray[np.float32]:
     if u64.shape[0] > 2 and u64.shape[1] > 2:
         v[1:-1, 1:-1] = 0.25 * (u64[:-2, 1:-1] + u64[2:, 1:-1] + u64[1:-1, :-2] + u64[1:-1, 2:])
     return v.astype(np.float32)
+
+
+def ref_bias_relu(x: npt.ArrayLike, bias: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """max(x + bias, 0) of a 2-D x, bias broadcast along its rows."""
+    return np.maximum(_f64(x) + _f64(bias), 0.0).astype(np.float32)

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["LaunchInfo", "axpy", "jacobi2d", "null", "reduce_final", "reduce_partial", "sgemm", "vadd"]
+__all__ = ["LaunchInfo", "axpy", "bias_relu", "jacobi2d", "null", "reduce_final", "reduce_partial", "sgemm", "vadd"]
 
 _TILE = 16
 _REDUCE_BLOCK = 256
@@ -146,3 +146,15 @@ def jacobi2d(launch: LaunchInfo, u: F32, v: F32, nx: int, ny: int) -> None:
     V[1:-1, -1] = U[1:-1, -1]
     # Same order of additions as the kernel: ((up + down) + left) + right.
     V[1:-1, 1:-1] = np.float32(0.25) * (((U[:-2, 1:-1] + U[2:, 1:-1]) + U[1:-1, :-2]) + U[1:-1, 2:])
+
+
+def bias_relu(launch: LaunchInfo, x: F32, bias: F32, y: F32, rows: int, cols: int) -> None:
+    """y[r][c] = max(x[r][c] + bias[c], 0) over the row-major rows x cols prefix; fmax as the kernel's fmaxf."""
+    rows, cols = int(rows), int(cols)
+    if rows <= 0 or cols <= 0:
+        return
+    n = rows * cols
+    X = _flat("bias_relu", "x", x, n, "rows*cols")[:n].reshape(rows, cols)
+    b = _flat("bias_relu", "bias", bias, cols, "cols")[:cols]
+    Y = _flat("bias_relu", "y", y, n, "rows*cols")[:n].reshape(rows, cols)
+    np.fmax(np.add(X, b, dtype=np.float32), np.float32(0), out=Y)
