@@ -260,9 +260,16 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------------
     def _new_worker(self, device: str) -> WorkerHandle:
         physical, _, tenant = device.partition("#")
-        return WorkerHandle(device, host_modules=self.config.host_modules, compile_check=self.config.compile_check,
-                            spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
-                            on_exit=self._worker_exit, physical=physical, tenant=tenant)
+        w = WorkerHandle(device, host_modules=self.config.host_modules, compile_check=self.config.compile_check,
+                         spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
+                         on_exit=self._worker_exit, physical=physical, tenant=tenant)
+        w.on_poisoned = self._worker_poisoned
+        return w
+
+    def _worker_poisoned(self, worker: WorkerHandle) -> None:
+        """A worker announced a sticky fault: place nothing more on it (its replies follow)."""
+        if self.workers.get(worker.device) is worker:
+            self._sched_of(worker.device).set_down(worker.device, True)
 
     # -- pools of workers: the shared one, and one per dedicated tenant --------------------
     def _sched_for(self, tenant: str) -> Scheduler:
@@ -354,7 +361,9 @@ class Engine:
         alone (a suspect that kills a worker while alone is the culprit).
         """
         running = [p for p in self._pending.values() if p.worker is worker]
-        if running and not any(p.verdict == "culprit" for p in running):
+        if worker.poisoned:
+            pass  # it answered the graphs its fault touched; what is left never ran there
+        elif running and not any(p.verdict == "culprit" for p in running):
             if len(running) == 1:
                 p = running[0]
                 p.verdict = "culprit"
@@ -852,7 +861,6 @@ class Engine:
         p.culprit = errors.DeadlineExceeded(
             f"graph ({_kernel_names(p)}) ran past its deadline of {limit:g} s on {w.device}; the device worker "
             "was restarted", detail={"deadline": limit, "device": w.device})
-        self.stats["deadline_kills"] += 1
         log.warning("deadline_kill", device=w.device, tenant=p.job.tenant, deadline=limit)
         w.kill(f"a graph ran past its deadline of {limit:g} s")
 
@@ -902,6 +910,12 @@ class Engine:
                        else errors.InternalError("graph ended without a result"))
                 if p.verdict == "culprit" and p.culprit is not None:
                     err = p.culprit
+                if isinstance(err, errors.DeadlineExceeded):
+                    self.stats["deadline_kills"] += 1  # by the broker's timer or the worker's own check
+                kernel = err.detail.get("kernel")
+                if isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)) and kernel \
+                        and str(kernel) not in err.message:
+                    err = type(err)(f"kernel {kernel!r}: {err.message}", detail=err.detail)
                 if p.verdict == "culprit" or isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)):
                     self._strike(p, err)
                 p.on_done(err)

@@ -13,6 +13,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ import structlog
 
 from . import errors
 from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
-from .streams.wire import WorkerCommand, WReady, WReply, WShutdown, event_decoder
+from .streams.wire import WorkerCommand, WPoisoned, WReady, WReply, WShutdown, event_decoder
 
 log = structlog.get_logger("kaas.workers")
 
@@ -40,6 +42,8 @@ class WorkerHandle:
         self.on_exit = on_exit
         self.info: dict[str, Any] = {}
         self.pinned: set[int] = set()  # arenas this worker was asked to map (marked before sending)
+        self.poisoned = False  # it said a sticky fault ended it: what it does not answer never ran
+        self.on_poisoned: Callable[[WorkerHandle], None] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
@@ -168,6 +172,11 @@ class WorkerHandle:
                 cb = self._pending.pop(ev.seq, None)
                 if cb is not None:
                     cb(ev)
+            elif isinstance(ev, WPoisoned):
+                self.poisoned = True
+                log.warning("worker_poisoned", device=self.device, reason=ev.reason)
+                if self.on_poisoned is not None:
+                    self.on_poisoned(self)
             elif isinstance(ev, WReady) and self._ready is not None and not self._ready.done():
                 self._ready.set_result(ev.info)
 
@@ -177,11 +186,16 @@ class WorkerHandle:
         self.alive = False
         code = None
         if self.proc is not None:
-            try:
-                code = self.proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
+            # Never wait on the event loop: a process leaving a CUDA context takes 100+ ms to die.
+            # One that closed its channel is exiting; a moment usually gives its exit status.
+            for _ in range(20):
+                code = self.proc.poll()
+                if code is not None:
+                    break
+                time.sleep(0.0005)
+            if code is None:
                 self.proc.kill()
-                code = self.proc.wait()
+                threading.Thread(target=self.proc.wait, name=f"reap-{self.device}", daemon=True).start()
         self._close_sock()
         err = errors.WorkerLost(f"device worker {self.device} exited ({why}, exit code {code})",
                                 detail={"device": self.device, "exit_code": code})
@@ -222,5 +236,3 @@ class WorkerHandle:
             self.proc.kill()
         self._lost(why)
         self._close_sock()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.wait()

@@ -121,7 +121,16 @@ class WReady(_W, tag="ready", frozen=True):
     info: dict[str, Any]
 
 
-WorkerEvent = Union[WReply, WReady]
+class WPoisoned(_W, tag="poisoned", frozen=True):
+    """Sent before the replies of a sticky fault: the worker runs nothing more and exits after them.
+
+    Everything the broker sent it that these replies do not answer never ran: it is innocent.
+    """
+
+    reason: str
+
+
+WorkerEvent = Union[WReply, WReady, WPoisoned]
 
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import array
 import ctypes
+import os
 import select
 import signal
 import socket
@@ -30,6 +31,7 @@ from .wire import (
     WLoadLibrary,
     WorkerCommand,
     WPinArena,
+    WPoisoned,
     WPutResident,
     WReady,
     WReply,
@@ -158,11 +160,14 @@ class Worker:
                     break
                 last = time.perf_counter()
             done = self.backend.poll()
+            if getattr(self.backend, "poisoned", False):
+                # First the warning (nothing more goes to a dying worker), then the fault's replies.
+                self.send(WPoisoned("a sticky device fault: the context is unusable"))
+                self._complete(done)
+                return EXIT_POISONED
             if done:
                 self._complete(done)
                 last = time.perf_counter()
-            if getattr(self.backend, "poisoned", False):
-                return EXIT_POISONED
         return 0
 
 
@@ -180,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(True)
     backend = make_backend(args.device, tuple(m for m in args.host_modules.split(",") if m), args.compile_check)
     try:
-        return Worker(sock, backend, args.spin_us / 1e6).run()
+        rc = Worker(sock, backend, args.spin_us / 1e6).run()
     except (BrokenPipeError, ConnectionResetError):
-        return 0
-    finally:
-        backend.close()
+        rc = 0
+    if rc == EXIT_POISONED:
+        os._exit(rc)  # tearing down a poisoned context only delays the respawn; exiting frees it
+    backend.close()
+    return rc
 
 
 if __name__ == "__main__":
