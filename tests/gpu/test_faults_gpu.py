@@ -96,12 +96,6 @@ def test_illegal_address_recovery_time(illegal: Sample) -> None:
     assert s.recovery_s is not None, "no other tenant's graph succeeded after the fault"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: broker/engine.py keeps a poisoned CUDA worker's device up between the worker's fault replies and "
-    "its exit: _graph_done -> _replay/_pump dispatches the first isolated suspect (or a queued graph) to the "
-    "dying worker, which never reads it; at its exit _worker_exit finds that one graph running and no culprit "
-    "named, and blames it (WorkerLost 'the graph's kernels (sgemm) killed the device worker', culprit=True, a "
-    "strike). On an H100: 2 innocent graphs fail per fault, one at each of its two worker deaths"))
 def test_illegal_address_innocent_graphs_all_succeed(illegal: Sample) -> None:
     s = illegal
     assert s.innocent_graphs > 0
@@ -179,14 +173,6 @@ def test_a_graph_sent_after_the_culprit_heard_of_its_fault_runs_on_the_fresh_wor
         assert a.status()["stats"]["worker_restarts"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a graph queued behind the culprit (here: the only lane is the culprit's) is dispatched by "
-    "engine._graph_done -> _pump the moment the culprit's KernelFault reply is handled, to the poisoned "
-    "worker, which never reads it; _worker_exit then blames it (WorkerLost 'the graph's kernels (vadd) killed "
-    "the device worker'). Fix: on a reply that poisons the worker (sticky KernelFault, DeadlineExceeded from "
-    "a CUDA worker; better, a 'poisoned' flag the worker sets on such replies) mark the device down before "
-    "anything else is dispatched, and treat graphs sent to it afterwards as innocent (started=False)"),
-    raises=errors.WorkerLost)
 def test_a_graph_queued_behind_the_culprit_is_not_blamed_for_its_fault(broker_env: dict[str, str]) -> None:
     with cuda_broker(broker_env, "queued-behind-fault", "lanes_cuda = 1\n") as b, \
             tenantlib.connect(b.socket, timeout=120) as x, tenantlib.connect(b.socket, timeout=120) as a:
@@ -205,12 +191,6 @@ def test_a_graph_queued_behind_the_culprit_is_not_blamed_for_its_fault(broker_en
         np.testing.assert_array_equal(z, x_in + y_in)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an innocent graph still running when a CUDA worker expires another graph's deadline is blamed for "
-    "the worker's exit (WorkerLost, culprit=True): the culprit's DeadlineExceeded reply came first, so "
-    "_worker_exit finds it alone and unjudged. Fix: remember on the WorkerHandle that a culprit was named "
-    "(or have the backend fail the other running graphs with WorkerLost started=True, innocent)"),
-    raises=errors.WorkerLost)
 def test_a_graph_running_at_another_graphs_missed_deadline_is_replayed(broker_env: dict[str, str]) -> None:
     with cuda_broker(broker_env, "running-at-deadline") as b, tenantlib.connect(b.socket, timeout=120) as x, \
             tenantlib.connect(b.socket, timeout=120) as a:
