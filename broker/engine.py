@@ -50,6 +50,7 @@ log = structlog.get_logger("kaas.engine")
 LIBRARY_FORMATS = ("cuda", "cubin", "ptx", "fatbin")
 MAX_LIBRARY_BYTES = 32 * 1024 * 1024
 _DEADLINE_GRACE = 0.5  # seconds past a graph's deadline before the broker kills its worker
+_SWEEP_EVERY = 0.1     # how often graphs on devices are checked against their deadlines
 
 
 def _raise_unless_lost(outcomes: list[Any]) -> None:
@@ -154,7 +155,7 @@ class _Pending:
     dispatched: float = 0.0
     trace: list[float] | None = None
     worker: WorkerHandle | None = None     # the worker running this attempt
-    timer: asyncio.TimerHandle | None = None  # this attempt's deadline
+    limit: float = 0.0                     # this attempt's deadline, seconds after ``dispatched``
     admission: Admission | None = None     # its device memory, from the pool, while dispatched
     in_sched: bool = False                 # counted in its tenant's in_sched (handed to the scheduler)
     verdict: str = ""                      # after its worker died: culprit | suspect | innocent
@@ -250,6 +251,10 @@ class Engine:
         self.client_spin = config.spin("client_spin_us", devices)
         self._spin_until = 0.0
         self._spinning = False
+        # Graphs on devices (at most lanes x devices), for the deadline sweep: one timer for all
+        # of them instead of one per graph on the request path.
+        self._running: dict[int, _Pending] = {}
+        self._sweeping = False
         # Every arena and resident holds an fd here and in each worker; a reserve stays free for
         # sockets, logs and name lookups, so one tenant's arenas can never starve the broker.
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -344,6 +349,7 @@ class Engine:
             t.cancel()
         err = errors.ShuttingDown("broker is shutting down")
         pending, self._pending = self._pending, {}
+        self._running.clear()
         for p in pending.values():
             p.on_done(err)
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
@@ -483,7 +489,8 @@ class Engine:
         """Apply (new) limits to a tenant: weight and class for its next graphs, quotas at once."""
         st.policy = policy
         self.pool.set_tenant(st.name, policy.weight, policy.device_memory or None, policy.total_memory or None)
-        self._unpark(st)
+        if self._unpark(st):
+            self._pump()
 
     def tenant_close(self, st: TenantState) -> None:
         st.sessions -= 1
@@ -719,14 +726,17 @@ class Engine:
         self._kick(now)
         return job.id
 
-    def _unpark(self, st: TenantState) -> None:
+    def _unpark(self, st: TenantState) -> bool:
+        """Hand held-back graphs to the scheduler as the tenant's in-flight count allows; the caller pumps."""
+        if not st.parked:
+            return False
         now = time.monotonic()
         while st.parked and st.in_sched < st.policy.max_inflight:
             p = st.parked.popleft()
             st.in_sched += 1
             p.in_sched = True
             self._sched_for(st.name).submit(p.job, now)
-        self._pump()
+        return True
 
     def _kick(self, now: float) -> None:
         """Keep the event loop polling (never sleeping) for ``spin`` seconds after activity."""
@@ -757,6 +767,7 @@ class Engine:
         for name in {p.job.tenant for p in gone}:
             if name in self.tenants:
                 self._unpark(self.tenants[name])
+        self._pump()
         return len(gone)
 
     def _finish_unrun(self, p: _Pending, err: errors.KaasError) -> None:
@@ -799,7 +810,9 @@ class Engine:
     def _pump(self) -> None:
         if not self._pending:
             self._idle.set()
-        for sched in self.schedulers:
+        for sched in (self.scheduler, *self.dedicated.values()) if self.dedicated else (self.scheduler,):
+            if not sched.queued:
+                continue
             plan = sched.schedule(time.monotonic(), self.pool.held, self._admit)
             for a in plan:
                 self._dispatch(a.job, a.device)
@@ -807,11 +820,14 @@ class Engine:
                 p = self._pending.get(r.job.id)
                 if p is not None:
                     self._finish_unrun(p, r.error)
-                    self._unpark(self.tenants[p.job.tenant])
+                    if self._unpark(self.tenants[p.job.tenant]):
+                        self._pump()
 
     def _admit(self, job: Job, device: str) -> bool:
         """Ask the pool for the graph's memory on ``device``; commits what it answers."""
         p = self._pending[job.id]
+        if not p.residents and not p.resolved.device_bytes:
+            return True  # needs no device memory: nothing to account or evict
         now = time.monotonic()
         adm = self.pool.plan_admit(device, job.tenant, {r.gid: r.nbytes for r in p.residents},
                                    p.resolved.device_bytes, now)
@@ -844,13 +860,26 @@ class Engine:
                 self.stats["resident_puts"] += 1
                 self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
         limit = min(p.deadline, self.config.max_graph_seconds) if p.deadline > 0 else self.config.max_graph_seconds
-        p.worker = w
-        p.timer = asyncio.get_running_loop().call_later(limit + _DEADLINE_GRACE, self._deadline_passed, job.id, w,
-                                                        limit)
+        p.worker, p.limit = w, limit
+        self._running[job.id] = p
+        if not self._sweeping:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
         if p.trace is not None:
             p.trace.append(time.perf_counter())
         w.send_cb(WRunGraph(w.next_seq(), p.resolved.graph, limit, job.priority, p.trace is not None),
                   functools.partial(self._graph_done, job.id, device))
+
+    def _sweep(self) -> None:
+        """Kill the workers of graphs past their deadline (checked every _SWEEP_EVERY seconds)."""
+        now = time.monotonic()
+        for p in list(self._running.values()):
+            if p.worker is not None and now >= p.dispatched + p.limit + _DEADLINE_GRACE:
+                self._deadline_passed(p.job.id, p.worker, p.limit)
+        if self._running:
+            asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
+        else:
+            self._sweeping = False
 
     def _deadline_passed(self, job_id: int, w: WorkerHandle, limit: float) -> None:
         """A kernel cannot be stopped from inside its process: the worker goes, innocents replay."""
@@ -875,8 +904,7 @@ class Engine:
         reply = outcome if isinstance(outcome, WReply) else None
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
         self._sched_of(device).complete(job_id, now, device_time)
-        if p is not None and p.timer is not None:
-            p.timer.cancel()
+        self._running.pop(job_id, None)
         if p is not None and p.admission is not None:
             self.pool.release(p.admission)
             p.admission = None
@@ -933,7 +961,7 @@ class Engine:
         if verdict not in ("innocent", "suspect") or p.attempts >= self.config.replay_attempts:
             return False
         p.attempts += 1
-        p.verdict, p.culprit, p.worker, p.timer, p.dispatched = "", None, None, None, 0.0
+        p.verdict, p.culprit, p.worker, p.dispatched = "", None, None, 0.0
         p.job.device = None
         self._pending[p.job.id] = p
         if p.job.tenant in self.tenants:
