@@ -17,6 +17,7 @@ from broker.protocol import (
     ArenaRegistered,
     BrokerMessage,
     Error,
+    FrameDecoder,
     GraphDone,
     Hello,
     KernelSpec,
@@ -29,6 +30,7 @@ from broker.protocol import (
     RunGraph,
     Timings,
     Welcome,
+    decode_broker,
     trace_hops,
 )
 
@@ -62,6 +64,20 @@ class RunResult:
 def raise_if_error(msg: BrokerMessage) -> None:
     if isinstance(msg, Error):
         raise errors.from_wire(msg.code, msg.message, msg.detail)
+
+
+def read_welcome(bodies: list[bytes], decoder: FrameDecoder) -> Welcome:
+    """The broker's answer to hello (its first frame): a Welcome, or the typed refusal raised."""
+    msg = decode_broker(bodies[0])
+    raise_if_error(msg)
+    if not isinstance(msg, Welcome):
+        raise errors.ProtocolError(f"expected welcome, got {type(msg).__name__}")
+    decoder.max_frame = msg.max_frame
+    return msg
+
+
+def closed_during_handshake(path: str) -> errors.BrokerUnavailable:
+    return errors.BrokerUnavailable(f"the broker at {path} closed the connection during the handshake")
 
 
 def detect_format(code: str | bytes, fmt: str | None) -> tuple[str, bytes]:

@@ -29,7 +29,7 @@ from broker.protocol import (
 )
 
 from . import errors
-from ._core import ClientCore, RunResult, default_path, raise_if_error
+from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
 
@@ -251,13 +251,9 @@ async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio
         while not bodies:
             data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), timeout)
             if not data:
-                raise errors.BrokerUnavailable(f"the broker at {path} closed the connection during the handshake")
+                raise closed_during_handshake(path)
             bodies = decoder.feed(data)
-        msg = decode_broker(bodies[0])
-        raise_if_error(msg)
-        if not isinstance(msg, Welcome):
-            raise errors.ProtocolError(f"expected welcome, got {type(msg).__name__}")
-        decoder.max_frame = msg.max_frame
+        msg = read_welcome(bodies, decoder)
     except BaseException:
         sock.close()
         raise

@@ -33,7 +33,7 @@ from broker.protocol import (
 )
 
 from . import errors
-from ._core import ClientCore, RunResult, default_path, raise_if_error
+from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
 
@@ -278,13 +278,9 @@ def connect(path: str | None = None, *, client: str = "tenantlib", timeout: floa
         while not bodies:
             data = sock.recv(1 << 16)
             if not data:
-                raise errors.BrokerUnavailable(f"the broker at {path} closed the connection during the handshake")
+                raise closed_during_handshake(path)
             bodies = decoder.feed(data)
-        msg = decode_broker(bodies[0])
-        raise_if_error(msg)
-        if not isinstance(msg, Welcome):
-            raise errors.ProtocolError(f"expected welcome, got {type(msg).__name__}")
-        decoder.max_frame = msg.max_frame
+        msg = read_welcome(bodies, decoder)
     except BaseException:
         sock.close()
         raise
