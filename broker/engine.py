@@ -581,10 +581,6 @@ class Engine:
             if rec.tenant is not None:
                 rec.tenant.arenas -= 1
 
-    async def _on_all(self, op: Any, *, alive_only: bool = False) -> list[WReply]:
-        ws = [w for w in self.workers.values() if w.alive or not alive_only]
-        return list(await asyncio.gather(*(op(w) for w in ws)))
-
     # -- libraries -------------------------------------------------------------------------
     async def register_library(self, tenant: TenantState, fmt: str, data: bytes,
                                kernels: tuple[KernelSpec, ...], options: tuple[str, ...]) -> tuple[str, bool, str]:
@@ -810,7 +806,7 @@ class Engine:
     def _pump(self) -> None:
         if not self._pending:
             self._idle.set()
-        for sched in (self.scheduler, *self.dedicated.values()) if self.dedicated else (self.scheduler,):
+        for sched in self.schedulers:
             if not sched.queued:
                 continue
             plan = sched.schedule(time.monotonic(), self.pool.held, self._admit)
