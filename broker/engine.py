@@ -335,11 +335,12 @@ class Engine:
 
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers.values()))
-        cap = self.max_graph_bytes()
-        self.pool = Pool({d: min(cap, self._capacity(w)) for d, w in self.workers.items()},
+        self.pool = Pool({d: self._capacity(w) for d, w in self.workers.items()},
                          on_evict=lambda e: self.metrics.tenant(e.tenant).evicted(e.device))
 
-    def _capacity(self, w: WorkerHandle) -> int:
+    @staticmethod
+    def _capacity(w: WorkerHandle) -> int:
+        """Device memory the broker hands out on ``w``'s device: most of a GPU; a quarter of host RAM."""
         mem = int(w.info.get("memory", 0)) or 1 << 40
         return int(mem * (0.9 if w.device.startswith("cuda") else 0.25))
 
@@ -461,12 +462,8 @@ class Engine:
         metrics.set_resident_bytes(held)
 
     def max_graph_bytes(self) -> int:
-        """Device memory one graph may use: what the smallest device can hold, less headroom."""
-        mem = [int(w.info.get("memory", 0)) for w in self.workers.values() if w.info.get("memory")]
-        if not mem:
-            return 1 << 40
-        share = 0.9 if all(d.startswith("cuda") for d in self.devices) else 0.25  # CPU: host RAM, shared
-        return int(min(mem) * share)
+        """Device memory one graph may use: what the smallest device hands out."""
+        return min((self.pool.capacity(d) for d in self.devices), default=1 << 40)
 
     def device_info(self) -> list[dict[str, Any]]:
         return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self._sched_of(d).running.get(d, ())),
