@@ -6,8 +6,10 @@ import os
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -134,6 +136,24 @@ def raw(broker: BrokerProcess) -> Iterator[Callable[..., RawConnection]]:
     yield make
     for c in conns:
         c.close()
+
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str, deadline: float = 30.0) -> T:
+    """Poll ``probe()`` until ``ok`` holds; fail naming ``what`` and the last value otherwise.
+
+    For conditions that become true eventually (a respawn, a release): never a timed assertion.
+    """
+    end = time.monotonic() + deadline
+    while True:
+        value = probe()
+        if ok(value):
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"{what}: still {value!r} after {deadline:.0f} s")
+        time.sleep(0.02)
 
 
 def broker_pid(b: BrokerProcess) -> int:

@@ -7,15 +7,13 @@ back; a kernel that keeps faulting is quarantined.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
 import tenantlib
 from tenantlib import errors, kernels
 from tenantlib.kernels import testing
-from tests.conftest import BrokerFactory
+from tests.conftest import BrokerFactory, wait_for
 
 CONFIG = ('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
           "lanes_cpu = 4\nquarantine_after = 2\n")
@@ -47,10 +45,7 @@ def _all_correct(jobs: list[tuple[tenantlib.PendingRun, np.ndarray, np.ndarray, 
 
 
 def _wait_restarts(client: tenantlib.Client, n: int) -> None:
-    end = time.monotonic() + 60
-    while client.status()["stats"]["worker_restarts"] < n:
-        assert time.monotonic() < end, "the worker did not come back"
-        time.sleep(0.05)
+    wait_for(lambda: client.status()["stats"]["worker_restarts"], lambda r: r >= n, "the worker's respawn", 60)
 
 
 def _bad_graph(client: tenantlib.Client, kernel: str) -> tenantlib.Graph:
@@ -147,10 +142,8 @@ def test_dedicated_tenant_gets_its_own_worker_and_only_its_arenas(broker_factory
         after = {d["device"]: d for d in vip.status()["devices"]}
         assert after["cpu:0"]["pid"] == shared_pid and after["cpu:0#vip"]["pid"] != dedicated_pid
         _all_correct(_sgemm_jobs(vip, 2))
-    end = time.monotonic() + 30
-    while len(children(broker_pid(b))) != 1:  # the last session gone: its workers stop
-        assert time.monotonic() < end, "the dedicated worker was not stopped"
-        time.sleep(0.05)
+    # the last session gone: its workers stop
+    wait_for(lambda: len(children(broker_pid(b))), lambda n: n == 1, "the dedicated worker's retirement")
 
 
 def _shm_fds(pid: int) -> int:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 
 import tenantlib
 from tenantlib import errors, kernels
-from tests.conftest import BrokerFactory, broker_pid, children
+from tests.conftest import BrokerFactory, broker_pid, children, wait_for
 
 
 def _vadd(client: tenantlib.Client, lib: tenantlib.Library, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> None:
@@ -20,16 +19,6 @@ def _vadd(client: tenantlib.Client, lib: tenantlib.Library, x: np.ndarray, y: np
     g.kernel(lib, "vadd", grid=grid, block=block, args=[g.input(x), g.input(y), g.output(z), x.size])
     client.run(g, timeout=30)
     np.testing.assert_array_equal(z, x + y)
-
-
-def _wait_for(cond, what: str, seconds: float = 30.0):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_worker_is_respawned_with_arenas_libraries_and_residents(broker_factory: BrokerFactory) -> None:
@@ -45,7 +34,7 @@ def test_killed_worker_is_respawned_with_arenas_libraries_and_residents(broker_f
         _vadd(client, lib, x, y, z)
         (worker,) = children(broker_pid(b))
         os.kill(worker, signal.SIGKILL)
-        _wait_for(lambda: client.status()["stats"]["worker_restarts"] == 1, "the respawn")
+        wait_for(lambda: client.status()["stats"]["worker_restarts"], lambda n: n == 1, "the respawn")
         (new_worker,) = children(broker_pid(b))
         assert new_worker != worker
         # the same arenas, library and resident work on the new worker without registering again
@@ -79,5 +68,5 @@ def test_crashing_host_kernel_fails_its_graph_and_the_device_comes_back(broker_f
         x, y, z = (other.array(64) for _ in range(3))
         x[...] = 1.0
         y[...] = 2.0
-        _wait_for(lambda: other.status()["stats"]["worker_restarts"] >= 1, "the respawn")
+        wait_for(lambda: other.status()["stats"]["worker_restarts"], lambda n: n >= 1, "the respawn")
         _vadd(other, lib, x, y, z)

@@ -46,6 +46,7 @@ import tenantlib
 import tenantlib.arena
 from broker import protocol as P
 from tenantlib import kernels as K
+from tests import conftest
 from tests.conftest import BrokerFactory, RawConnection, broker_pid, children, open_fds, shm_entries
 from tools.broker_process import BrokerProcess
 
@@ -223,15 +224,7 @@ def _tenant_main(path: str, scenario: str, seed: int, report: multiprocessing.co
 
 # -- the test's side -------------------------------------------------------------------------------
 def wait_for(probe: Callable[[], T], ok: Callable[[T], bool], what: str, deadline: float = DEADLINE) -> T:
-    """Poll ``probe()`` until ``ok`` holds; fail naming ``what`` and the last value otherwise."""
-    end = time.monotonic() + deadline
-    while True:
-        value = probe()
-        if ok(value):
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"{what}: still {value!r} after {deadline:.0f} s")
-        time.sleep(0.02)
+    return conftest.wait_for(probe, ok, what, deadline)
 
 
 @dataclass
