@@ -14,6 +14,7 @@ Promises every backend keeps:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,33 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit(self, token: int, graph: ExecGraph, deadline: float, priority: int) -> None:
         """Start ``graph``; its completion comes out of ``poll`` under ``token``."""
+
+    # -- prepared graphs: the hot path ---------------------------------------------------------
+    @abc.abstractmethod
+    def prepare(self, handle: int, graph: ExecGraph, literals: tuple[tuple[int, int], ...]) -> None:
+        """Keep the template ``graph`` under ``handle`` and build what launching it needs.
+
+        In a template the ``arena``/``offset`` of ``in``/``out``/``inout`` buffers are
+        placeholders (each run binds them) and literal arguments hold their prepare-time
+        values.  ``literals[j] = (k, a)``: value ``j`` of a run goes to argument ``a`` of
+        ``graph.kernels[k]``.  Raises typed errors (UnknownLibrary, UnknownKernel,
+        ArgumentError) up front.  Preparing a handle already held replaces it.
+        """
+
+    @abc.abstractmethod
+    def release(self, handle: int) -> None:
+        """Forget prepared graph ``handle`` (a no-op when absent); runs already started finish."""
+
+    @abc.abstractmethod
+    def run(self, token: int, handle: int, slices: Sequence[int], values: Sequence[int | float],
+            deadline: float, priority: int) -> None:
+        """Start prepared graph ``handle``; its completion comes out of ``poll`` under ``token``.
+
+        ``slices`` is flat: ``(arena, offset)`` for each ``in``/``out``/``inout`` buffer of the
+        template, in buffer order (arena: broker-global id).  ``values``: the literal values, in
+        the order of ``prepare``'s ``literals``, already type- and range-checked by the broker.
+        Raises like ``submit`` when refused up front (an unknown handle is an InternalError).
+        """
 
     @abc.abstractmethod
     def poll(self) -> list[Completion]:

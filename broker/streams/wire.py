@@ -89,6 +89,35 @@ class WRunGraph(_W, tag="run", frozen=True):
     trace: bool = False
 
 
+class WPrepare(_W, tag="prepare", frozen=True):
+    """Keep ``graph`` (a template: arena buffers unbound) as prepared graph ``handle``.
+
+    ``literals[j] = (kernel position in graph.kernels, argument position)`` of run value ``j``.
+    """
+
+    seq: int
+    handle: int
+    graph: ExecGraph
+    literals: tuple[tuple[int, int], ...] = ()
+
+
+class WRelease(_W, tag="release", frozen=True):
+    seq: int
+    handle: int
+
+
+class WRun(_W, tag="prun", frozen=True):
+    """Run prepared graph ``handle`` with its bindings (see ``Backend.run``)."""
+
+    seq: int
+    handle: int
+    slices: tuple[int, ...] = ()
+    values: tuple[int | float, ...] = ()
+    deadline: float = 0.0
+    priority: int = 0
+    trace: bool = False
+
+
 class WInfo(_W, tag="info", frozen=True):
     seq: int
 
@@ -98,8 +127,8 @@ class WShutdown(_W, tag="shutdown", frozen=True):
 
 
 WorkerCommand = Union[
-    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WRunGraph, WInfo,
-    WShutdown,
+    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WRunGraph, WPrepare, WRelease,
+    WRun, WInfo, WShutdown,
 ]
 
 
