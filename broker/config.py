@@ -65,6 +65,7 @@ class Config:
     max_arenas: int = 4096                # per session
     max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
+    max_prepared: int = 4096              # prepared graphs per session
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
     max_graph_seconds: float = 300.0      # every graph's deadline on a device (a request's timeout may be shorter)
     replay_attempts: int = 3              # times an innocent graph is replayed after its worker died

@@ -29,7 +29,7 @@ import structlog
 
 from . import errors
 from .config import Config, TenantPolicy
-from .graph import ResidentRef, Resolved
+from .graph import ResidentRef, Template
 from .metrics import Metrics
 from .pool.residency import Admission, Pool
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
@@ -38,9 +38,11 @@ from .streams.wire import (
     WEvictResident,
     WLoadLibrary,
     WPinArena,
+    WPrepare,
     WPutResident,
+    WRelease,
     WReply,
-    WRunGraph,
+    WRun,
     WUnpinArena,
 )
 from .workers import WorkerHandle
@@ -65,7 +67,7 @@ def _ignore(_: object) -> None:
 
 
 def _kernel_names(p: _Pending) -> str:
-    names = sorted({k.kernel for k in p.resolved.graph.kernels})
+    names = sorted({k for _, k in p.prepared.template.kernel_keys})
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
@@ -136,6 +138,22 @@ class TenantState:
     waiting: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class PreparedRecord:
+    """A prepared graph: validated once, sent to a worker the first time it runs there.
+
+    Workers hold it under ``gid`` (``WorkerHandle.prepared``); a respawned worker is sent it
+    again on its first run.  Released when its session lets go and no run uses it.
+    """
+
+    gid: int
+    template: Template
+    tenant: str
+    inflight: int = 0
+    released: bool = False
+    residents: tuple[ResidentRecord, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class GraphResult:
     device: str
@@ -146,7 +164,9 @@ class GraphResult:
 @dataclass(eq=False, slots=True)
 class _Pending:
     job: Job
-    resolved: Resolved
+    prepared: PreparedRecord
+    slices: tuple[int, ...]          # (global arena id, offset) per arena buffer
+    values: tuple[int | float, ...]  # literal values
     on_done: Callable[[GraphResult | errors.KaasError], None]
     submitted: float
     deadline: float
@@ -244,7 +264,8 @@ class Engine:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
-                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0, "evictions": 0}
+                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0, "evictions": 0,
+                                      "prepared": 0, "prepared_live": 0}
         self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults
         self.quarantined: dict[tuple[str, str, str], float] = {}  # -> since (time.time())
         self.spin = config.spin("spin_us", devices)
@@ -678,10 +699,37 @@ class Engine:
         os.close(rec.fd)
 
     # -- graphs ----------------------------------------------------------------------------
-    def submit(self, *, tenant: str, session: int, resolved: Resolved, timeout: float,
+    # -- prepared graphs ---------------------------------------------------------------------
+    def prepare(self, tenant: TenantState, template: Template) -> PreparedRecord:
+        """Keep a validated graph for runs by handle (workers get it on its first run there)."""
+        residents = tuple(self.residents[r] for r in template.residents)
+        self.stats["prepared"] += 1
+        self.stats["prepared_live"] += 1
+        return PreparedRecord(next(self._ids), template, tenant.name, residents=residents)
+
+    def release_prepared(self, rec: PreparedRecord) -> None:
+        """Its session let go: workers forget it once no run uses it."""
+        if rec.released:
+            return
+        rec.released = True
+        if rec.inflight == 0:
+            self._forget_prepared(rec)
+
+    def _forget_prepared(self, rec: PreparedRecord) -> None:
+        self.stats["prepared_live"] -= 1
+        for w in self.workers.values():
+            if rec.gid in w.prepared:
+                w.prepared.discard(rec.gid)
+                if w.alive:
+                    w.send_cb(WRelease(w.next_seq(), rec.gid), _ignore)
+
+    # -- graphs ----------------------------------------------------------------------------
+    def submit(self, *, tenant: str, session: int, prepared: PreparedRecord, slices: tuple[int, ...],
+               values: tuple[int | float, ...], arenas: tuple[int, ...], timeout: float,
                on_done: Callable[[GraphResult | errors.KaasError], None], priority: int = 0,
                trace_from: float = 0.0) -> int:
-        """Queue a validated graph; ``on_done`` gets its result or typed error, exactly once."""
+        """Queue a run of a prepared graph with checked bindings (``arenas``: the global arena id
+        of each arena buffer); ``on_done`` gets its result or typed error, exactly once."""
         if not self.accepting:
             raise errors.ShuttingDown("cannot run graph: the broker is shutting down")
         if not self._respawns and not any(w.alive for w in self.workers.values()):
@@ -691,17 +739,25 @@ class Engine:
         if st.waiting >= pol.max_queued:
             raise errors.TooManyRequests(f"tenant has {st.waiting} graphs waiting (limit {pol.max_queued})",
                                          detail={"waiting": st.waiting, "limit": pol.max_queued})
-        arenas = tuple(self.arenas[g] for g in resolved.arenas)
-        residents = tuple(self.residents[r] for r in resolved.residents)
-        self.pool.check_fits(tenant, resolved.device_bytes + sum(r.nbytes for r in residents))
+        t = prepared.template
+        recs = self.arenas
+        arena_recs = tuple(recs[g] for g in arenas)
+        residents = prepared.residents
+        for r in residents:
+            if r.released:
+                raise errors.UnknownResident(f"resident {r.digest[:16]!r} was released; prepare the graph again",
+                                             detail={"resident": r.digest})
+        self.pool.check_fits(tenant, t.device_bytes + sum(r.nbytes for r in residents))
         now = time.monotonic()
         if pol.priority == "latency":
             priority = LATENCY
-        job = Job(next(self._ids), tenant, session, now, resolved.residents, priority, weight=pol.weight)
-        deadline = min((t for t in (timeout, pol.max_graph_seconds) if t > 0), default=0.0)
-        p = _Pending(job, resolved, on_done, now, deadline, arenas, residents,
+        job = Job(next(self._ids), tenant, session, now, t.residents, priority, weight=pol.weight)
+        deadline = min((x for x in (timeout, pol.max_graph_seconds) if x > 0), default=0.0)
+        p = _Pending(job, prepared, slices, values, on_done, now, deadline, arena_recs, residents,
                      trace=[trace_from] if trace_from else None)
-        for a in arenas:
+        prepared.inflight += 1
+        arenas_ = arena_recs
+        for a in arenas_:
             a.inflight += 1
             a.idle.clear()
         for r in residents:
@@ -819,11 +875,11 @@ class Engine:
     def _admit(self, job: Job, device: str) -> bool:
         """Ask the pool for the graph's memory on ``device``; commits what it answers."""
         p = self._pending[job.id]
-        if not p.residents and not p.resolved.device_bytes:
+        if not p.residents and not p.prepared.template.device_bytes:
             return True  # needs no device memory: nothing to account or evict
         now = time.monotonic()
         adm = self.pool.plan_admit(device, job.tenant, {r.gid: r.nbytes for r in p.residents},
-                                   p.resolved.device_bytes, now)
+                                   p.prepared.template.device_bytes, now)
         if adm is None:
             return False
         self.pool.commit(adm, now)
@@ -860,7 +916,12 @@ class Engine:
             asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._sweep)
         if p.trace is not None:
             p.trace.append(time.perf_counter())
-        w.send_cb(WRunGraph(w.next_seq(), p.resolved.graph, limit, job.priority, p.trace is not None),
+        pr = p.prepared
+        if pr.gid not in w.prepared:
+            w.prepared.add(pr.gid)
+            t = pr.template
+            w.send_cb(WPrepare(w.next_seq(), pr.gid, t.graph, t.literal_slots), _ignore)
+        w.send_cb(WRun(w.next_seq(), pr.gid, p.slices, p.values, limit, job.priority, p.trace is not None),
                   functools.partial(self._graph_done, job.id, device))
 
     def _sweep(self) -> None:
@@ -918,7 +979,8 @@ class Engine:
                 if st is not None:
                     st.graphs += 1
                     st.device_seconds += t.kernels
-                tm.graph_done(device, now - p.submitted, t.kernels, p.resolved.input_bytes, p.resolved.output_bytes)
+                tm.graph_done(device, now - p.submitted, t.kernels, p.prepared.template.input_bytes,
+                              p.prepared.template.output_bytes)
                 trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
                 p.on_done(GraphResult(device, Timings(
                     queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
@@ -966,7 +1028,7 @@ class Engine:
 
     def _strike(self, p: _Pending, err: errors.KaasError) -> None:
         """Count a fault against the kernels that caused it; quarantine repeat offenders."""
-        kernels = {(k.library, k.kernel) for k in p.resolved.graph.kernels}
+        kernels = set(p.prepared.template.kernel_keys)
         named = err.detail.get("kernel")
         if named:
             kernels = {lk for lk in kernels if lk[1] == named} or kernels
@@ -977,15 +1039,15 @@ class Engine:
                 self.quarantined[key] = time.time()
                 log.warning("kernel_quarantined", tenant=p.job.tenant, library=lib[:16], kernel=name, faults=n)
 
-    def check_quarantine(self, tenant: str, resolved: Resolved) -> None:
+    def check_quarantine(self, tenant: str, template: Template) -> None:
         if not self.quarantined:
             return
-        for k in resolved.graph.kernels:
-            if (tenant, k.library, k.kernel) in self.quarantined:
+        for lib, name in template.kernel_keys:
+            if (tenant, lib, name) in self.quarantined:
                 raise errors.Quarantined(
-                    f"kernel {k.kernel!r} faulted {self.strikes[(tenant, k.library, k.kernel)]} times and is "
+                    f"kernel {name!r} faulted {self.strikes[(tenant, lib, name)]} times and is "
                     "quarantined for this tenant until an administrator clears it",
-                    detail={"kernel": k.kernel, "library": k.library})
+                    detail={"kernel": name, "library": lib})
 
     def clear_quarantine(self, tenant: str | None = None) -> int:
         """Lift quarantines (of one tenant, or all); returns how many were lifted."""
@@ -996,6 +1058,10 @@ class Engine:
         return len(keys)
 
     def _release_uses(self, p: _Pending) -> None:
+        pr = p.prepared
+        pr.inflight -= 1
+        if pr.released and pr.inflight == 0:
+            self._forget_prepared(pr)
         for a in p.arenas:
             self._arena_done(a)
         for r in p.residents:

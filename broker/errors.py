@@ -13,7 +13,7 @@ __all__ = [
     "KaasError", "TenantError", "ProtocolError", "MalformedFrame", "FrameTooLarge",
     "UnknownMessage", "VersionMismatch", "HandshakeRequired", "InvalidArgument",
     "InvalidArena", "UnknownArena", "ArenaClosed", "UnknownLibrary", "UnknownKernel",
-    "UnknownResident", "InvalidGraph", "OutOfBounds", "Misaligned", "DtypeMismatch",
+    "UnknownResident", "UnknownGraph", "InvalidGraph", "OutOfBounds", "Misaligned", "DtypeMismatch",
     "ArgumentError", "CycleError", "AccessError", "CompileError", "HostImplementationError",
     "QuotaError", "QuotaExceeded", "TooManyRequests", "DeviceError", "KernelFault",
     "DeadlineExceeded", "WorkerLost", "NoDevice", "BrokerError", "InternalError",
@@ -115,6 +115,12 @@ class UnknownKernel(TenantError):
 
 class UnknownResident(TenantError):
     code = "unknown_resident"
+
+
+class UnknownGraph(TenantError):
+    """A prepared-graph handle this session does not hold (never prepared, released, or another's)."""
+
+    code = "unknown_graph"
 
 
 class InvalidGraph(TenantError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +59,32 @@ class ResidentRef:
 
 
 @dataclass(slots=True)
+class Template:
+    """A prepared graph: its structure validated once, run many times with new bindings.
+
+    ``graph`` is the ExecGraph with arena buffers unbound (arena 0, offset 0) and literals at
+    their prepare-time values.  A run supplies ``(arena, offset)`` for each buffer listed in
+    ``arena_buffers`` and a value for each literal of ``literal_kinds``, in the tenant's order
+    (``literal_slots`` says where each lands in ``graph``).
+    """
+
+    graph: ExecGraph
+    arena_buffers: tuple[tuple[int, int, int], ...]  # (buffer index, nbytes, itemsize) per arena buffer
+    literal_kinds: tuple[str, ...]                  # scalar type of each literal, tenant order
+    literal_slots: tuple[tuple[int, int], ...]      # (position in graph.kernels, argument position)
+    literal_values: tuple[int | float, ...]         # the prepare-time values (the graph's own)
+    residents: frozenset[int]
+    resident_digests: frozenset[str]
+    libraries: frozenset[str]
+    input_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    order: tuple[int, ...] = ()
+    device_bytes: int = 0  # per-request device memory: temps and device copies of arena buffers
+    kernel_keys: frozenset[tuple[str, str]] = frozenset()  # (library, kernel) pairs, for quarantine
+
+
+@dataclass(slots=True)
 class Resolved:
     """A validated graph plus the global handles it uses (for in-flight reference counts)."""
 
@@ -83,9 +109,23 @@ def _dims(what: str, dims: tuple[int, ...], hi: tuple[int, int, int]) -> tuple[i
     return d[0], d[1], d[2]
 
 
-def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mapping[str, ResidentRef],
-            libraries: Mapping[str, Mapping[str, KernelSpec]], limits: Limits = Limits()) -> Resolved:
-    """Validate ``spec`` against what the session holds and return its ExecGraph."""
+def check_literal(what: str, kind: str, value: object) -> int | float:
+    """``value`` as a ``kind`` literal, or ArgumentError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise errors.ArgumentError(f"{what} must be a {kind} number, got {type(value).__name__}")
+    rng = _RANGES.get(kind)
+    if rng is not None:
+        if isinstance(value, float) or not rng[0] <= value <= rng[1]:
+            raise errors.ArgumentError(f"{what}: {value!r} is not a {kind} in [{rng[0]}, {rng[1]}]")
+        return value
+    if kind == "f32" and math.isfinite(value) and abs(value) > _F32_MAX:
+        raise errors.ArgumentError(f"{what}: {value!r} is outside the f32 range (±{_F32_MAX:.7g})")
+    return float(value)
+
+
+def prepare(spec: GraphSpec, *, residents: Mapping[str, ResidentRef],
+            libraries: Mapping[str, Mapping[str, KernelSpec]], limits: Limits = Limits()) -> Template:
+    """Validate the structure of ``spec`` (everything but its arena slices) into a Template."""
     if not spec.kernels:
         raise errors.InvalidGraph("graph has no kernels")
     if len(spec.buffers) > limits.max_buffers:
@@ -94,8 +134,9 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
         raise errors.InvalidGraph(f"graph has {len(spec.kernels)} kernels; the limit is {limits.max_kernels}")
 
     buffers: list[ExecBuffer] = []
-    used_arenas: set[int] = set()
+    arena_buffers: list[tuple[int, int, int]] = []
     used_res: set[int] = set()
+    digests: set[str] = set()
     nin = nout = ntemp = 0
     for i, b in enumerate(spec.buffers):
         where = f"buffer {i}"
@@ -107,24 +148,10 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
         if nbytes > limits.max_buffer_bytes:
             raise errors.InvalidGraph(f"{where}: {nbytes} bytes exceeds the {limits.max_buffer_bytes}-byte limit")
         if b.kind in ("in", "out", "inout"):
-            ref = arenas.get(b.arena)
-            if ref is None:
-                raise errors.UnknownArena(f"{where}: arena {b.arena} is not registered in this session",
-                                          detail={"arena": b.arena})
-            if ref.closed:
-                raise errors.ArenaClosed(f"{where}: arena {b.arena} is closed", detail={"arena": b.arena})
-            if b.offset < 0 or b.offset + nbytes > ref.size:
-                raise errors.OutOfBounds(
-                    f"{where}: bytes [{b.offset}, {b.offset + nbytes}) lie outside arena {b.arena} "
-                    f"of {ref.size} bytes", detail={"arena": b.arena, "offset": b.offset, "nbytes": nbytes,
-                                                    "arena_size": ref.size})
-            if b.offset % _ITEMSIZE[b.dtype]:
-                raise errors.Misaligned(f"{where}: offset {b.offset} is not a multiple of {b.dtype}'s "
-                                        f"{_ITEMSIZE[b.dtype]} bytes", detail={"offset": b.offset})
             if b.resident:
                 raise errors.InvalidGraph(f"{where}: an arena buffer cannot name a resident")
-            used_arenas.add(ref.global_id)
-            buffers.append(ExecBuffer(b.kind, b.dtype, tuple(b.shape), nbytes, ref.global_id, b.offset))
+            arena_buffers.append((i, nbytes, _ITEMSIZE[b.dtype]))
+            buffers.append(ExecBuffer(b.kind, b.dtype, tuple(b.shape), nbytes))
             if b.kind != "out":
                 nin += nbytes
             if b.kind != "in":
@@ -145,6 +172,7 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
             if b.arena or b.offset:
                 raise errors.InvalidGraph(f"{where}: a resident buffer has no arena or offset")
             used_res.add(res.global_id)
+            digests.add(b.resident)
             buffers.append(ExecBuffer("resident", b.dtype, tuple(b.shape), nbytes, resident=res.global_id))
         else:
             raise errors.InvalidGraph(f"{where}: unknown buffer kind {b.kind!r} "
@@ -158,6 +186,7 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
     n = len(spec.kernels)
     kernels: list[ExecKernel] = []
     used_libs: set[str] = set()
+    lits: list[tuple[int, int, str, int | float]] = []  # (tenant kernel index, arg position, kind, value)
     for ki, k in enumerate(spec.kernels):
         where = f"kernel {ki} ({k.kernel!r})"
         lib = libraries.get(k.library)
@@ -196,12 +225,7 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
                     raise errors.ArgumentError(f"{aw} must be a {p.kind} literal, got a buffer")
                 if arg.dtype != p.kind:
                     raise errors.ArgumentError(f"{aw} must be {p.kind}, got {arg.dtype}")
-                if p.kind in _RANGES:
-                    lo, hi = _RANGES[p.kind]
-                    if isinstance(arg.value, float) or not lo <= arg.value <= hi:
-                        raise errors.ArgumentError(f"{aw}: {arg.value!r} is not a {p.kind} in [{lo}, {hi}]")
-                elif p.kind == "f32" and math.isfinite(arg.value) and abs(arg.value) > _F32_MAX:
-                    raise errors.ArgumentError(f"{aw}: {arg.value!r} is outside the f32 range (±{_F32_MAX:.7g})")
+                lits.append((ki, ai, p.kind, check_literal(aw, p.kind, arg.value)))
             else:
                 raise errors.ArgumentError(f"{aw}: the kernel signature has unknown parameter kind {p.kind!r}")
         for d in k.deps:
@@ -211,9 +235,91 @@ def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mappi
         kernels.append(ExecKernel(k.library, k.kernel, grid, block, k.shared, tuple(k.args)))
 
     order = _toposort([k.deps for k in spec.kernels])
+    position = {ki: pos for pos, ki in enumerate(order)}
     graph = ExecGraph(tuple(buffers), tuple(kernels[i] for i in order))
-    return Resolved(graph, frozenset(used_arenas), frozenset(used_res), frozenset(used_libs),
-                    nin, nout, ntemp, tuple(order), footprint)
+    return Template(graph, tuple(arena_buffers), tuple(kind for *_, kind, _ in lits),
+                    tuple((position[ki], ai) for ki, ai, _, _ in lits), tuple(v for *_, v in lits),
+                    frozenset(used_res), frozenset(digests), frozenset(used_libs), nin, nout, ntemp, tuple(order),
+                    footprint, frozenset((k.library, k.kernel) for k in spec.kernels))
+
+
+def bind(t: Template, slices: Sequence[int], values: Sequence[object],
+         arenas: Mapping[int, ArenaRef]) -> tuple[tuple[int, ...], tuple[int | float, ...], tuple[int, ...]]:
+    """Check one run's bindings against the session's arenas: O(buffers + literals).
+
+    ``slices`` holds ``(arena, offset)`` for each of the template's arena buffers.  Returns
+    the slices with global arena ids, the literal values, and the global arena id of each
+    arena buffer (for in-flight counts).
+    """
+    nb = len(t.arena_buffers)
+    if len(slices) != 2 * nb:
+        raise errors.ArgumentError(f"the graph has {nb} arena buffer(s): expected {2 * nb} slice numbers "
+                                   f"(arena, offset per buffer), got {len(slices)}")
+    if len(values) != len(t.literal_kinds):
+        raise errors.ArgumentError(f"the graph has {len(t.literal_kinds)} literal argument(s), got {len(values)} value(s)")
+    out: list[int] = []
+    gids: list[int] = []
+    for j, (i, nbytes, itemsize) in enumerate(t.arena_buffers):
+        arena = slices[2 * j]
+        offset = slices[2 * j + 1]
+        where = f"buffer {i}"
+        ref = arenas.get(arena)
+        if ref is None:
+            raise errors.UnknownArena(f"{where}: arena {arena} is not registered in this session",
+                                      detail={"arena": arena})
+        if ref.closed:
+            raise errors.ArenaClosed(f"{where}: arena {arena} is closed", detail={"arena": arena})
+        if offset < 0 or offset + nbytes > ref.size:
+            raise errors.OutOfBounds(
+                f"{where}: bytes [{offset}, {offset + nbytes}) lie outside arena {arena} of {ref.size} bytes",
+                detail={"arena": arena, "offset": offset, "nbytes": nbytes, "arena_size": ref.size})
+        if offset % itemsize:
+            raise errors.Misaligned(f"{where}: offset {offset} is not a multiple of {t.graph.buffers[i].dtype}'s "
+                                    f"{itemsize} bytes", detail={"offset": offset})
+        out.append(ref.global_id)
+        out.append(offset)
+        gids.append(ref.global_id)
+    if values == t.literal_values:
+        vals: tuple[int | float, ...] = t.literal_values
+    else:
+        vals = tuple(check_literal(f"literal {j}", kind, v) for j, (kind, v) in enumerate(
+            zip(t.literal_kinds, values, strict=True)))
+    return tuple(out), vals, tuple(gids)
+
+
+def spec_bindings(spec: GraphSpec) -> tuple[tuple[int, ...], tuple[int | float, ...]]:
+    """The bindings a whole GraphSpec carries: its arena slices and literal values."""
+    slices = tuple(x for b in spec.buffers if b.kind in ("in", "out", "inout") for x in (b.arena, b.offset))
+    values = tuple(a.value for k in spec.kernels for a in k.args if isinstance(a, Lit))
+    return slices, values
+
+
+def instantiate(t: Template, slices: Sequence[int], values: Sequence[int | float]) -> ExecGraph:
+    """The ExecGraph of one run (for backends without prepared graphs, and tests)."""
+    bufs = list(t.graph.buffers)
+    for j, (i, _, _) in enumerate(t.arena_buffers):
+        b = bufs[i]
+        bufs[i] = ExecBuffer(b.kind, b.dtype, b.shape, b.nbytes, slices[2 * j], slices[2 * j + 1])
+    kernels = list(t.graph.kernels)
+    if values != t.literal_values:
+        args = [list(k.args) for k in kernels]
+        for (pos, ai), v in zip(t.literal_slots, values, strict=True):
+            old = args[pos][ai]
+            assert isinstance(old, Lit)
+            args[pos][ai] = Lit(old.dtype, v)
+        kernels = [ExecKernel(k.library, k.kernel, k.grid, k.block, k.shared, tuple(a))
+                   for k, a in zip(kernels, args, strict=True)]
+    return ExecGraph(tuple(bufs), tuple(kernels))
+
+
+def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mapping[str, ResidentRef],
+            libraries: Mapping[str, Mapping[str, KernelSpec]], limits: Limits = Limits()) -> Resolved:
+    """Validate a whole ``spec`` (structure and bindings) and return its ExecGraph."""
+    t = prepare(spec, residents=residents, libraries=libraries, limits=limits)
+    slices, values = spec_bindings(spec)
+    bound, vals, gids = bind(t, slices, values, arenas)
+    return Resolved(instantiate(t, bound, vals), frozenset(gids), t.residents, t.libraries, t.input_bytes,
+                    t.output_bytes, t.temp_bytes, t.order, t.device_bytes)
 
 
 def _toposort(deps: list[tuple[int, ...]]) -> list[int]:

@@ -12,6 +12,12 @@ Conversation::
     RegisterArena(req, size) + fd   ->    (fd rides on the same sendmsg, SCM_RIGHTS)
     RunGraph(req, graph, timeout)   ->    any number in flight, matched by ``req``
                                     <-    GraphDone(req, ...) | Error(req, code, ...)
+    PrepareGraph(req, graph)        ->    validate a graph's structure once
+                                    <-    GraphPrepared(req, handle, ...)
+    RunPrepared(req, handle, slices, values, timeout)
+                                    ->    run it with only its bindings
+                                    <-    GraphDone(req, ...) | Error(req, code, ...)
+    ReleaseGraph(req, handle)       ->    <- Done(req)
 
 Every request carries a tenant-chosen ``req`` id (> 0) and gets exactly one reply with
 the same id.  ``Error.req == 0`` answers a frame whose id could not be read.
@@ -192,6 +198,34 @@ class RunGraph(_Base, tag="run", frozen=True):
     trace: bool = False
 
 
+class PrepareGraph(_Base, tag="prepare", frozen=True):
+    """Validate ``graph``'s structure once; the reply's handle runs it with new bindings.
+
+    The arena slices and literal values in ``graph`` are not part of what is prepared: each
+    RunPrepared brings its own.
+    """
+
+    req: int
+    graph: GraphSpec
+
+
+class RunPrepared(_Base, tag="prun", frozen=True):
+    """Run prepared graph ``handle``: ``slices`` is (arena, offset) for each in/out/inout buffer,
+    in buffer order; ``values`` the literal arguments in kernel and argument order."""
+
+    req: int
+    handle: int
+    slices: tuple[int, ...] = ()
+    values: tuple[int | float, ...] = ()
+    timeout: float = 0.0
+    trace: bool = False
+
+
+class ReleaseGraph(_Base, tag="graph_release", frozen=True):
+    req: int
+    handle: int
+
+
 class Ping(_Base, tag="ping", frozen=True):
     req: int
 
@@ -210,7 +244,7 @@ class Admin(_Base, tag="admin", frozen=True):
 
 TenantMessage = Union[
     Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident,
-    RunGraph, Ping, Status, Admin,
+    RunGraph, PrepareGraph, RunPrepared, ReleaseGraph, Ping, Status, Admin,
 ]
 
 
@@ -255,6 +289,16 @@ class GraphDone(_Base, tag="graph_ok", frozen=True):
     trace: tuple[float, ...] = ()  # time.perf_counter() stamps at TRACE_POINTS[1:-1], when asked
 
 
+class GraphPrepared(_Base, tag="prepared", frozen=True):
+    """``handle`` names the prepared graph in this session; ``slices``/``literals`` say how many
+    binding numbers a run carries (2 per arena buffer) and the type of each literal."""
+
+    req: int
+    handle: int
+    slices: int
+    literals: tuple[str, ...] = ()
+
+
 class Pong(_Base, tag="pong", frozen=True):
     req: int
 
@@ -272,7 +316,7 @@ class Error(_Base, tag="error", frozen=True):
 
 
 BrokerMessage = Union[
-    Welcome, ArenaRegistered, LibraryRegistered, ResidentRegistered, Done, GraphDone,
+    Welcome, ArenaRegistered, LibraryRegistered, ResidentRegistered, Done, GraphDone, GraphPrepared,
     Pong, StatusReply, Error,
 ]
 

@@ -19,8 +19,8 @@ from typing import Any
 import structlog
 
 from . import errors
-from .engine import ArenaRecord, Engine, GraphResult, TenantState
-from .graph import ArenaRef, Limits, Resolved, resolve
+from .engine import ArenaRecord, Engine, GraphResult, PreparedRecord, TenantState
+from .graph import ArenaRef, Limits, bind, prepare, spec_bindings
 from .protocol import (
     PROTOCOL_VERSION,
     Admin,
@@ -28,18 +28,22 @@ from .protocol import (
     Done,
     Error,
     GraphDone,
+    GraphPrepared,
     GraphSpec,
     Hello,
     LibraryRegistered,
     Ping,
     Pong,
+    PrepareGraph,
     PutResident,
     RegisterArena,
     RegisterLibrary,
     ReleaseArena,
+    ReleaseGraph,
     ReleaseResident,
     ResidentRegistered,
     RunGraph,
+    RunPrepared,
     Status,
     StatusReply,
     TenantMessage,
@@ -51,7 +55,7 @@ from .protocol import (
 from .tenants import Peer, Tenant, TenantDirectory
 
 log = structlog.get_logger("kaas.session")
-_RESOLVED_CACHE = 256  # validated graphs remembered per session
+_IMPLICIT_CACHE = 256  # graphs sent whole (RunGraph) kept prepared per session
 _session_ids = itertools.count(1)
 
 
@@ -71,8 +75,10 @@ class Session:
         self.state: TenantState | None = None
         self.arenas: dict[int, ArenaRecord] = {}
         self._arena_refs: dict[int, ArenaRef] = {}  # what validation reads, in step with ``arenas``
-        self._gen = 0  # changes with ``_arena_refs``: part of the resolved-graph cache key
-        self._resolved: dict[GraphSpec, tuple[tuple[int, int], Resolved]] = {}
+        self.prepared: dict[int, PreparedRecord] = {}  # the session's handles
+        self._prepared_ids = itertools.count(1)
+        # Graphs sent whole, prepared behind the tenant's back: (tenant gen, record) by spec.
+        self._implicit: dict[GraphSpec, tuple[int, PreparedRecord]] = {}
         self._arena_ids = itertools.count(1)
         self.fds: list[int] = []       # received fds not yet claimed by a RegisterArena
         self.inflight: set[int] = set()
@@ -160,8 +166,19 @@ class Session:
                                   tuple(self.engine.devices), round(self.engine.client_spin * 1e6))))
 
     def _dispatch(self, req: int, msg: TenantMessage) -> None:
-        if isinstance(msg, RunGraph):
+        if isinstance(msg, RunPrepared):
+            self._run_prepared(req, msg)
+        elif isinstance(msg, RunGraph):
             self._run(req, msg)
+        elif isinstance(msg, PrepareGraph):
+            self._prepare(req, msg)
+        elif isinstance(msg, ReleaseGraph):
+            held = self.prepared.pop(msg.handle, None)
+            if held is None:
+                raise errors.UnknownGraph(f"graph {msg.handle} is not prepared in this session",
+                                          detail={"handle": msg.handle})
+            self.engine.release_prepared(held)
+            self._finish(req, Done(req))
         elif isinstance(msg, RegisterArena):
             if not self.fds:
                 raise errors.ProtocolError("register-arena frame arrived without a file descriptor")
@@ -212,28 +229,59 @@ class Session:
             self._arena_refs.pop(local, None)
         else:
             self._arena_refs[local] = ref
-        self._gen += 1
+
+    def _template(self, graph: GraphSpec) -> PreparedRecord:
+        assert self.state is not None
+        t = prepare(graph, residents=self.state.resident_refs, libraries=self.state.library_sigs, limits=self.limits)
+        return self.engine.prepare(self.state, t)
+
+    def _prepare(self, req: int, msg: PrepareGraph) -> None:
+        limit = self.engine.config.max_prepared
+        if len(self.prepared) >= limit:
+            raise errors.TooManyRequests(f"session holds {len(self.prepared)} prepared graphs (limit {limit}); "
+                                         "release some with release_graph", detail={"limit": limit})
+        rec = self._template(msg.graph)
+        handle = next(self._prepared_ids)
+        self.prepared[handle] = rec
+        t = rec.template
+        self._finish(req, GraphPrepared(req, handle, 2 * len(t.arena_buffers), t.literal_kinds))
+
+    def _run_prepared(self, req: int, msg: RunPrepared) -> None:
+        rec = self.prepared.get(msg.handle)
+        if rec is None:
+            raise errors.UnknownGraph(f"graph {msg.handle} is not prepared in this session",
+                                      detail={"handle": msg.handle})
+        self._submit(req, rec, msg.slices, msg.values, msg.timeout, msg.trace)
 
     def _run(self, req: int, msg: RunGraph) -> None:
-        assert self.state is not None and self.tenant is not None
-        # A tenant resubmitting a graph it already sent skips validation while nothing it
-        # depends on (the session's arenas, the tenant's libraries and residents) has changed.
-        gens = (self._gen, self.state.gen)
-        hit = self._resolved.get(msg.graph)
-        if hit is not None and hit[0] == gens:
-            resolved = hit[1]
+        assert self.state is not None
+        # A graph sent whole is prepared once and then run by its bindings, while the tenant's
+        # libraries and residents (what its structure was checked against) stay as they were.
+        hit = self._implicit.get(msg.graph)
+        if hit is not None and hit[0] == self.state.gen:
+            rec = hit[1]
         else:
-            resolved = resolve(msg.graph, arenas=self._arena_refs, residents=self.state.resident_refs,
-                               libraries=self.state.library_sigs, limits=self.limits)
-            if len(self._resolved) >= _RESOLVED_CACHE:
-                self._resolved.clear()
-            self._resolved[msg.graph] = (gens, resolved)
-        self.engine.check_quarantine(self.tenant.name, resolved)
-        if not math.isfinite(msg.timeout) or msg.timeout < 0:
-            raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {msg.timeout}")
-        self.engine.submit(tenant=self.tenant.name, session=self.id, resolved=resolved, timeout=msg.timeout,
-                           on_done=functools.partial(self._graph_done, req),
-                           trace_from=self.recv_stamp if msg.trace else 0.0)
+            rec = self._template(msg.graph)
+            if hit is not None:
+                self.engine.release_prepared(hit[1])
+            if len(self._implicit) >= _IMPLICIT_CACHE:
+                for _, old in self._implicit.values():
+                    self.engine.release_prepared(old)
+                self._implicit.clear()
+            self._implicit[msg.graph] = (self.state.gen, rec)
+        slices, values = spec_bindings(msg.graph)
+        self._submit(req, rec, slices, values, msg.timeout, msg.trace)
+
+    def _submit(self, req: int, rec: PreparedRecord, slices: tuple[int, ...], values: tuple[int | float, ...],
+                timeout: float, trace: bool) -> None:
+        assert self.tenant is not None
+        bound, vals, arenas = bind(rec.template, slices, values, self._arena_refs)
+        self.engine.check_quarantine(self.tenant.name, rec.template)
+        if not math.isfinite(timeout) or timeout < 0:
+            raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {timeout}")
+        self.engine.submit(tenant=self.tenant.name, session=self.id, prepared=rec, slices=bound, values=vals,
+                           arenas=arenas, timeout=timeout, on_done=functools.partial(self._graph_done, req),
+                           trace_from=self.recv_stamp if trace else 0.0)
         self._graphs.add(req)
         self._graphs_idle.clear()
 
@@ -350,6 +398,12 @@ class Session:
                                                 return_exceptions=True))
         finally:
             self.arenas.clear()
+            for rec in self.prepared.values():
+                self.engine.release_prepared(rec)
+            for _, rec in self._implicit.values():
+                self.engine.release_prepared(rec)
+            self.prepared.clear()
+            self._implicit.clear()
             if self.state is not None:
                 self.engine.tenant_close(self.state)
                 self.state = None

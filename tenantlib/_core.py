@@ -6,6 +6,7 @@ import collections
 import hashlib
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +20,19 @@ from broker.protocol import (
     Error,
     FrameDecoder,
     GraphDone,
+    GraphPrepared,
     Hello,
     KernelSpec,
     LibraryRegistered,
+    PrepareGraph,
     PutResident,
     RegisterArena,
     RegisterLibrary,
     ReleaseArena,
+    ReleaseGraph,
     ResidentRegistered,
     RunGraph,
+    RunPrepared,
     Timings,
     Welcome,
     decode_broker,
@@ -110,6 +115,13 @@ class ClientCore:
         self._arenas: list[Arena] = []
         # (base, size, id) of recently released arenas, so using one says "closed", not "unknown"
         self._released: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1024)
+        self._arena_gen = 0  # changes whenever arenas come or go: located bindings are stale then
+        # Prepared graphs: graph -> (its version when prepared, handle, finalizer). A graph that is
+        # collected or changed leaves its handle in _unused, released with the next request.
+        self._handles: weakref.WeakKeyDictionary[Graph, tuple[int, int, weakref.finalize]] = (
+            weakref.WeakKeyDictionary())
+        self._unused: list[int] = []
+        self._ignored: set[int] = set()  # requests whose replies nobody waits for
         self.closed = False
 
     @staticmethod
@@ -143,6 +155,7 @@ class ClientCore:
                                      "(make it with client.array() or arena.array())")
 
     def release_arena_msg(self, arena: Arena) -> ReleaseArena:
+        self._arena_gen += 1
         self._arenas.remove(arena)
         self._released.append((arena.base, arena.size, arena.id))
         return ReleaseArena(self.next_req(), arena.id)
@@ -170,6 +183,55 @@ class ClientCore:
         return Resident(reply.resident, arr.nbytes, arr.dtype.name, tuple(arr.shape), reply.cached)
 
     # -- graphs ------------------------------------------------------------------------------
+    def prepared_handle(self, graph: Graph) -> int | None:
+        """The broker's handle for ``graph`` as it is now, or None when it must be prepared (again)."""
+        entry = self._handles.get(graph)
+        if entry is None:
+            return None
+        if entry[0] == graph.version:
+            return entry[1]
+        entry[2].detach()
+        del self._handles[graph]
+        self._unused.append(entry[1])
+        return None
+
+    def prepare_msg(self, graph: Graph) -> PrepareGraph:
+        return PrepareGraph(self.next_req(), graph.spec(self.locate))
+
+    def prepared(self, graph: Graph, version: int, reply: BrokerMessage) -> int:
+        raise_if_error(reply)
+        assert isinstance(reply, GraphPrepared)
+        old = self._handles.get(graph)
+        if old is not None:
+            old[2].detach()
+            self._unused.append(old[1])
+        fin = weakref.finalize(graph, self._unused.append, reply.handle)
+        fin.atexit = False
+        self._handles[graph] = (version, reply.handle, fin)
+        return reply.handle
+
+    def forget_prepared(self) -> None:
+        """Prepare every graph again on its next run (after its residents changed)."""
+        for _, handle, fin in list(self._handles.values()):
+            fin.detach()
+            self._unused.append(handle)
+        self._handles.clear()
+
+    def release_msgs(self) -> list[ReleaseGraph]:
+        """ReleaseGraph for every handle no graph uses any more; nobody waits for their replies."""
+        out = []
+        while self._unused:
+            msg = ReleaseGraph(self.next_req(), self._unused.pop())
+            self._ignored.add(msg.req)
+            out.append(msg)
+        return out
+
+    def run_prepared_msg(self, graph: Graph, handle: int, timeout: float | None, trace: bool = False) -> RunPrepared:
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
+        slices, values = graph.bindings(self.locate, (id(self), self._arena_gen))
+        return RunPrepared(self.next_req(), handle, slices, values, float(timeout or 0.0), trace)
+
     def run_msg(self, graph: Graph, timeout: float | None, trace: bool = False) -> RunGraph:
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")

@@ -64,7 +64,9 @@ class AsyncClient(ClientCore):
             msg = decode_broker(body)
             req = getattr(msg, "req", 0)
             fut = self._waiters.pop(req, None)
-            if fut is not None and not fut.done():
+            if req in self._ignored:
+                self._ignored.discard(req)
+            elif fut is not None and not fut.done():
                 fut.set_result(msg)
             elif req == 0 and isinstance(msg, BrokerMessage.__args__):  # type: ignore[attr-defined]
                 self._lost(RuntimeError(getattr(msg, "message", "broker error")))
@@ -190,12 +192,24 @@ class AsyncClient(ClientCore):
 
     async def release_resident(self, res: Resident) -> None:
         raise_if_error(await self._request(ReleaseResident(self.next_req(), res.digest)))
+        self.forget_prepared()
 
     def graph(self) -> Graph:
         return Graph()
 
+    async def prepare(self, graph: Graph) -> int:
+        """Validate ``graph`` with the broker now (``run`` does it on first use); returns its handle."""
+        handle = self.prepared_handle(graph)
+        if handle is None:
+            version = graph.version
+            handle = self.prepared(graph, version, await self._request(self.prepare_msg(graph)))
+        return handle
+
     async def run(self, graph: Graph, *, timeout: float | None = None, trace: bool = False) -> RunResult:
-        msg = self.run_msg(graph, timeout, trace)
+        handle = await self.prepare(graph)
+        for rel in self.release_msgs():
+            await self._send(rel)
+        msg = self.run_prepared_msg(graph, handle, timeout, trace)
         t0 = time.perf_counter()
         reply = await self._request(msg, limit=self.wait_limit(timeout, self.timeout))
         return self.run_result(reply, t0, time.perf_counter())

@@ -143,6 +143,9 @@ class Client(ClientCore):
                         # came before it still count: raise it only for requests left unanswered.
                         self._session_error = errors.from_wire(msg.code, msg.message, msg.detail)
                         continue
+                    if r in self._ignored:
+                        self._ignored.discard(r)
+                        continue
                     self._replies[r] = msg
             return self._replies.pop(req)
 
@@ -192,6 +195,7 @@ class Client(ClientCore):
 
     def release_resident(self, res: Resident) -> None:
         raise_if_error(self._request(ReleaseResident(self.next_req(), res.digest)))
+        self.forget_prepared()  # graphs that named it must be checked again
 
     # -- graphs ------------------------------------------------------------------------------
     def graph(self) -> Graph:
@@ -202,10 +206,25 @@ class Client(ClientCore):
 
         ``trace=True`` asks every hop to stamp the request (``RunResult.hops``).
         """
-        msg = self.run_msg(graph, timeout, trace)
-        t0 = time.perf_counter()
-        self._send(msg)
+        with self._lock:
+            handle = self.prepared_handle(graph)
+            if handle is None:  # first run, or the graph changed: validate its structure once
+                version = graph.version
+                handle = self.prepared(graph, version, self._request(self.prepare_msg(graph)))
+            for rel in self.release_msgs():
+                self._send(rel)
+            msg = self.run_prepared_msg(graph, handle, timeout, trace)
+            t0 = time.perf_counter()
+            self._send(msg)
         return PendingRun(self, msg.req, t0, self.wait_limit(timeout, self.timeout))
+
+    def prepare(self, graph: Graph) -> int:
+        """Validate ``graph`` with the broker now (``run`` does it on first use); returns its handle."""
+        with self._lock:
+            handle = self.prepared_handle(graph)
+            if handle is None:
+                handle = self.prepared(graph, graph.version, self._request(self.prepare_msg(graph)))
+            return handle
 
     def run(self, graph: Graph, *, timeout: float | None = None, trace: bool = False) -> RunResult:
         """Run ``graph`` and wait: outputs are in their arrays when this returns."""

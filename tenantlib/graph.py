@@ -81,10 +81,17 @@ class Graph:
         self._buffers: list[_Buffer] = []
         self._refs: dict[tuple[int, int, str], BufferRef] = {}
         self._kernels: list[KernelNode] = []
+        self._param_names: dict[int, tuple[str, ...]] = {}
         self._last_writer: dict[int, int] = {}
         self._readers: dict[int, list[int]] = {}
         self._spec: GraphSpec | None = None
         self._spec_key: tuple[int, ...] = ()
+        # What a prepared run sends: bumped on every change of structure (a new buffer or
+        # kernel), so a client prepares the graph again; literals and bound arrays are not structure.
+        self.version = 0
+        self._values: tuple[int | float, ...] | None = None
+        self._slices: tuple[int, ...] = ()
+        self._slices_key: object = None
 
     # -- buffers ---------------------------------------------------------------------------
     def _arena_buffer(self, kind: str, arr: np.ndarray) -> BufferRef:
@@ -102,6 +109,8 @@ class Graph:
     def _add(self, buf: _Buffer) -> BufferRef:
         self._buffers.append(buf)
         self._spec = None
+        self.version += 1
+        self._slices_key = None
         return BufferRef(self, len(self._buffers) - 1, buf.kind, buf.dtype, buf.shape)
 
     def input(self, arr: np.ndarray) -> BufferRef:
@@ -151,6 +160,7 @@ class Graph:
             else:
                 raise errors.ArgumentError(f"kernel {name!r} parameter {p.name!r} has unknown kind {p.kind!r}")
         idx = len(self._kernels)
+        self._param_names[idx] = tuple(p.name for p in sig.params)
         deps = set(after)
         for b in reads | writes:
             if b in self._last_writer:
@@ -166,7 +176,65 @@ class Graph:
         self._kernels.append(KernelNode(library.digest, name, _dims(grid), _dims(block), tuple(wire), shared,
                                         tuple(sorted(deps))))
         self._spec = None
+        self._values = None
+        self.version += 1
         return idx
+
+    def set_literal(self, kernel: int, arg: int | str, value: Any) -> None:
+        """Change a literal argument of kernel ``kernel`` (by position or parameter name).
+
+        The graph stays prepared: the next run sends the new value with its bindings, and a
+        GPU replays its captured CUDA graph with the kernel's argument updated in place.
+        """
+        if not 0 <= kernel < len(self._kernels):
+            raise errors.ArgumentError(f"graph has no kernel {kernel} (it has {len(self._kernels)})")
+        node = self._kernels[kernel]
+        args = list(node.args)
+        if isinstance(arg, str):
+            names = self._param_names.get(kernel, ())
+            if arg not in names:
+                raise errors.ArgumentError(f"kernel {node.kernel!r} has no parameter {arg!r} "
+                                           f"(it has: {', '.join(names)})")
+            pos = names.index(arg)
+        else:
+            pos = arg
+        if not 0 <= pos < len(args) or not isinstance(args[pos], Lit):
+            raise errors.ArgumentError(f"argument {arg!r} of kernel {node.kernel!r} is not a literal")
+        old = args[pos]
+        assert isinstance(old, Lit)
+        args[pos] = Lit(old.dtype, _scalar(node.kernel, str(arg), old.dtype, value))
+        self._kernels[kernel] = KernelNode(node.library, node.kernel, node.grid, node.block, tuple(args),
+                                           node.shared, node.deps)
+        self._spec = None
+        self._values = None
+
+    def bind(self, ref: BufferRef, arr: np.ndarray) -> None:
+        """Point arena buffer ``ref`` at another array of the same dtype and shape (no new prepare)."""
+        if ref.graph is not self or not 0 <= ref.index < len(self._buffers):
+            raise errors.ArgumentError("buffer is not of this graph")
+        b = self._buffers[ref.index]
+        if b.array is None:
+            raise errors.ArgumentError(f"buffer {ref.index} is a {b.kind} buffer: only arena buffers are bound")
+        if not isinstance(arr, np.ndarray) or arr.dtype.name != b.dtype or tuple(arr.shape) != b.shape:
+            got = f"{arr.dtype.name}{tuple(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise errors.ArgumentError(f"buffer {ref.index} is {b.dtype}{b.shape}; cannot bind {got}")
+        if not arr.flags.c_contiguous:
+            raise errors.InvalidArgument(f"{b.kind} buffer must be C-contiguous")
+        b.array = arr
+        self._spec = None
+        self._slices_key = None
+
+    def bindings(self, locate: Locator, key: object) -> tuple[tuple[int, ...], tuple[int | float, ...]]:
+        """A prepared run's bindings: (arena, offset) per arena buffer, and the literal values.
+
+        ``key`` names the caller's arenas as they are now: located slices are reused while it holds.
+        """
+        if key != self._slices_key or self._slices_key is None:
+            self._slices = tuple(x for b in self._buffers if b.array is not None for x in locate(b.array))
+            self._slices_key = key
+        if self._values is None:
+            self._values = tuple(a.value for k in self._kernels for a in k.args if isinstance(a, Lit))
+        return self._slices, self._values
 
     def __len__(self) -> int:
         return len(self._kernels)

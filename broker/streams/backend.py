@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KaasError
-from ..protocol import KernelSpec, Timings
-from .wire import ExecGraph
+from ..errors import InternalError, KaasError
+from ..protocol import KernelSpec, Lit, Timings
+from .wire import ExecBuffer, ExecGraph, ExecKernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,8 @@ class Backend(abc.ABC):
         """Start ``graph``; its completion comes out of ``poll`` under ``token``."""
 
     # -- prepared graphs: the hot path ---------------------------------------------------------
-    @abc.abstractmethod
+    # The defaults build each run's ExecGraph and ``submit`` it: correct for any backend; a
+    # backend with a faster way (CUDA: packed launches, CUDA graphs updated in place) overrides.
     def prepare(self, handle: int, graph: ExecGraph, literals: tuple[tuple[int, int], ...]) -> None:
         """Keep the template ``graph`` under ``handle`` and build what launching it needs.
 
@@ -80,12 +81,13 @@ class Backend(abc.ABC):
         ``graph.kernels[k]``.  Raises typed errors (UnknownLibrary, UnknownKernel,
         ArgumentError) up front.  Preparing a handle already held replaces it.
         """
+        arena_buffers = tuple(i for i, b in enumerate(graph.buffers) if b.kind in ("in", "out", "inout"))
+        self._templates()[handle] = (graph, arena_buffers, literals)
 
-    @abc.abstractmethod
     def release(self, handle: int) -> None:
         """Forget prepared graph ``handle`` (a no-op when absent); runs already started finish."""
+        self._templates().pop(handle, None)
 
-    @abc.abstractmethod
     def run(self, token: int, handle: int, slices: Sequence[int], values: Sequence[int | float],
             deadline: float, priority: int) -> None:
         """Start prepared graph ``handle``; its completion comes out of ``poll`` under ``token``.
@@ -95,6 +97,32 @@ class Backend(abc.ABC):
         the order of ``prepare``'s ``literals``, already type- and range-checked by the broker.
         Raises like ``submit`` when refused up front (an unknown handle is an InternalError).
         """
+        entry = self._templates().get(handle)
+        if entry is None:
+            raise InternalError(f"prepared graph {handle} is not held by this worker")
+        graph, arena_buffers, literals = entry
+        if len(slices) != 2 * len(arena_buffers) or len(values) != len(literals):
+            raise InternalError(f"prepared graph {handle}: the bindings do not match its buffers and literals")
+        bufs = list(graph.buffers)
+        for j, i in enumerate(arena_buffers):
+            b = bufs[i]
+            bufs[i] = ExecBuffer(b.kind, b.dtype, b.shape, b.nbytes, int(slices[2 * j]), int(slices[2 * j + 1]))
+        kernels = graph.kernels
+        if values:
+            args = [list(k.args) for k in kernels]
+            for (pos, ai), v in zip(literals, values, strict=True):
+                old = args[pos][ai]
+                args[pos][ai] = Lit(old.dtype if isinstance(old, Lit) else "f64", v)
+            kernels = tuple(ExecKernel(k.library, k.kernel, k.grid, k.block, k.shared, tuple(a))
+                            for k, a in zip(kernels, args, strict=True))
+        self.submit(token, ExecGraph(tuple(bufs), kernels), deadline, priority)
+
+    def _templates(self) -> dict[int, tuple[ExecGraph, tuple[int, ...], tuple[tuple[int, int], ...]]]:
+        t: dict[int, tuple[ExecGraph, tuple[int, ...], tuple[tuple[int, int], ...]]] | None = (
+            self.__dict__.get("_kaas_templates"))
+        if t is None:
+            t = self.__dict__["_kaas_templates"] = {}
+        return t
 
     @abc.abstractmethod
     def poll(self) -> list[Completion]:

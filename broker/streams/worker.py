@@ -32,9 +32,12 @@ from .wire import (
     WorkerCommand,
     WPinArena,
     WPoisoned,
+    WPrepare,
     WPutResident,
     WReady,
+    WRelease,
     WReply,
+    WRun,
     WRunGraph,
     WShutdown,
     WUnpinArena,
@@ -75,6 +78,8 @@ class Worker:
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.fds: list[int] = []
         self.traced: dict[int, list[float]] = {}  # seq -> stamps, for runs that asked for a trace
+        # Prepared graphs the backend refused: their runs fail with the same error.
+        self.refused: dict[int, errors.KaasError] = {}
         self.running = True
         self.spin = spin  # seconds to busy-poll after the last command or completion
 
@@ -104,6 +109,29 @@ class Worker:
 
     def handle(self, cmd: WorkerCommand) -> None:
         try:
+            if isinstance(cmd, WRun):
+                t = time.perf_counter() if cmd.trace else 0.0
+                refused = self.refused.get(cmd.handle)
+                if refused is not None:
+                    raise refused
+                self.backend.run(cmd.seq, cmd.handle, cmd.slices, cmd.values, cmd.deadline, cmd.priority)
+                if cmd.trace:
+                    self.traced[cmd.seq] = [t, time.perf_counter()]
+                return
+            if isinstance(cmd, WPrepare):
+                self.refused.pop(cmd.handle, None)
+                try:
+                    self.backend.prepare(cmd.handle, cmd.graph, cmd.literals)
+                except errors.KaasError as exc:
+                    self.refused[cmd.handle] = exc
+                    raise
+                self.send(WReply(cmd.seq))
+                return
+            if isinstance(cmd, WRelease):
+                self.refused.pop(cmd.handle, None)
+                self.backend.release(cmd.handle)
+                self.send(WReply(cmd.seq))
+                return
             if isinstance(cmd, WRunGraph):
                 t = time.perf_counter() if cmd.trace else 0.0
                 self.backend.submit(cmd.seq, cmd.graph, cmd.deadline, cmd.priority)
