@@ -19,6 +19,7 @@ import itertools
 import os
 import resource
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from .graph import ResidentRef, Template
 from .metrics import Metrics
 from .pool.residency import Admission, Pool
 from .protocol import DTYPES, SCALAR_TYPES, KernelSpec, Timings
+from .records import run_struct, values_struct
 from .scheduler import LATENCY, Job, Scheduler
+from .session_rings import RingHub
 from .streams.wire import (
     WEvictResident,
     WLoadLibrary,
@@ -152,6 +155,8 @@ class PreparedRecord:
     inflight: int = 0
     released: bool = False
     residents: tuple[ResidentRecord, ...] = ()
+    vstruct: struct.Struct = struct.Struct("<")  # how its literal values travel in ring records
+    run_st: struct.Struct = struct.Struct("<")   # its whole run record to a worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +252,13 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.devices = list(devices)
         lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
+        # The hot path's rings (sessions', workers'): polled while spinning, drained in batches.
+        self.hub = RingHub()
+        self.hub.spinning = lambda: self._spinning
+        self.hub.batch = self._batched
+        self._batching = False
+        self._pump_due = False
+        self._spinning = False
         self.workers: dict[str, WorkerHandle] = {d: self._new_worker(d) for d in devices}
         self._respawns: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
@@ -265,7 +277,7 @@ class Engine:
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
                                       "worker_restarts": 0, "replays": 0, "deadline_kills": 0, "evictions": 0,
-                                      "prepared": 0, "prepared_live": 0}
+                                      "prepared": 0, "prepared_live": 0, "ring_runs": 0}
         self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults
         self.quarantined: dict[tuple[str, str, str], float] = {}  # -> since (time.time())
         self.spin = config.spin("spin_us", devices)
@@ -288,7 +300,7 @@ class Engine:
         physical, _, tenant = device.partition("#")
         w = WorkerHandle(device, host_modules=self.config.host_modules, compile_check=self.config.compile_check,
                          spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
-                         on_exit=self._worker_exit, physical=physical, tenant=tenant)
+                         on_exit=self._worker_exit, physical=physical, tenant=tenant, hub=self.hub)
         w.on_poisoned = self._worker_poisoned
         return w
 
@@ -705,7 +717,9 @@ class Engine:
         residents = tuple(self.residents[r] for r in template.residents)
         self.stats["prepared"] += 1
         self.stats["prepared_live"] += 1
-        return PreparedRecord(next(self._ids), template, tenant.name, residents=residents)
+        kinds = template.literal_kinds
+        return PreparedRecord(next(self._ids), template, tenant.name, residents=residents,
+                              vstruct=values_struct(kinds), run_st=run_struct(len(template.arena_buffers), kinds))
 
     def release_prepared(self, rec: PreparedRecord) -> None:
         """Its session let go: workers forget it once no run uses it."""
@@ -798,10 +812,29 @@ class Engine:
 
     def _spin_once(self) -> None:
         # A pending call_soon makes the loop poll its sockets with a zero timeout.
-        if time.monotonic() < self._spin_until:
+        if self.hub.members:
+            self.hub.poll_all()
+        now = time.monotonic()
+        if now < self._spin_until:
             asyncio.get_running_loop().call_soon(self._spin_once)
-        else:
+        elif self.hub.sleep_all():
             self._spinning = False
+        else:  # a ring got work while announcing sleep: keep going
+            self._spin_until = now + self.spin
+            asyncio.get_running_loop().call_soon(self._spin_once)
+
+    def _batched(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` (which may submit and complete many graphs) and schedule once after it."""
+        if self._batching:
+            fn()
+            return
+        self._batching = True
+        try:
+            fn()
+        finally:
+            self._batching = False
+            if self._pump_due:
+                self._pump()
 
     def cancel_session(self, session: int) -> int:
         """Drop a closing session's queued graphs (running ones finish); returns how many."""
@@ -857,6 +890,10 @@ class Engine:
         return True
 
     def _pump(self) -> None:
+        if self._batching:
+            self._pump_due = True
+            return
+        self._pump_due = False
         if not self._pending:
             self._idle.set()
         for sched in self.schedulers:
@@ -921,8 +958,8 @@ class Engine:
             w.prepared.add(pr.gid)
             t = pr.template
             w.send_cb(WPrepare(w.next_seq(), pr.gid, t.graph, t.literal_slots), _ignore)
-        w.send_cb(WRun(w.next_seq(), pr.gid, p.slices, p.values, limit, job.priority, p.trace is not None),
-                  functools.partial(self._graph_done, job.id, device))
+        w.send_run(WRun(w.next_seq(), pr.gid, p.slices, p.values, limit, job.priority, p.trace is not None),
+                   pr.run_st, functools.partial(self._graph_done, job.id, device))
 
     def _sweep(self) -> None:
         """Kill the workers of graphs past their deadline (checked every _SWEEP_EVERY seconds)."""

@@ -18,6 +18,10 @@ Conversation::
                                     ->    run it with only its bindings
                                     <-    GraphDone(req, ...) | Error(req, code, ...)
     ReleaseGraph(req, handle)       ->    <- Done(req)
+    OpenRings(req)                  ->    <- RingsOpened(req, slots, slot_size) + 3 fds:
+                                          from then on RunPrepared may also travel as ring
+                                          records, and GraphDone as completion records
+                                          (``broker.records``); errors stay on the socket
 
 Every request carries a tenant-chosen ``req`` id (> 0) and gets exactly one reply with
 the same id.  ``Error.req == 0`` answers a frame whose id could not be read.
@@ -226,6 +230,12 @@ class ReleaseGraph(_Base, tag="graph_release", frozen=True):
     handle: int
 
 
+class OpenRings(_Base, tag="rings", frozen=True):
+    """Ask for the session's shared-memory rings (runs in, completions out); see ``broker.ring``."""
+
+    req: int
+
+
 class Ping(_Base, tag="ping", frozen=True):
     req: int
 
@@ -244,7 +254,7 @@ class Admin(_Base, tag="admin", frozen=True):
 
 TenantMessage = Union[
     Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident,
-    RunGraph, PrepareGraph, RunPrepared, ReleaseGraph, Ping, Status, Admin,
+    RunGraph, PrepareGraph, RunPrepared, ReleaseGraph, OpenRings, Ping, Status, Admin,
 ]
 
 
@@ -299,6 +309,16 @@ class GraphPrepared(_Base, tag="prepared", frozen=True):
     literals: tuple[str, ...] = ()
 
 
+class RingsOpened(_Base, tag="rings_ok", frozen=True):
+    """The session's rings: three fds ride on this frame (SCM_RIGHTS), in order: the ring
+    segment (ring 0: runs, tenant -> broker; ring 1: completions, broker -> tenant), the eventfd
+    that wakes the broker and the one that wakes the tenant."""
+
+    req: int
+    slots: int
+    slot_size: int
+
+
 class Pong(_Base, tag="pong", frozen=True):
     req: int
 
@@ -317,7 +337,7 @@ class Error(_Base, tag="error", frozen=True):
 
 BrokerMessage = Union[
     Welcome, ArenaRegistered, LibraryRegistered, ResidentRegistered, Done, GraphDone, GraphPrepared,
-    Pong, StatusReply, Error,
+    RingsOpened, Pong, StatusReply, Error,
 ]
 
 TENANT_TAGS = frozenset(t.__struct_config__.tag for t in TenantMessage.__args__)  # type: ignore[attr-defined]

@@ -43,7 +43,8 @@ class Connection:
         self._out = bytearray()
         self._writing = False
         self.open = True
-        self.session = Session(server.engine, server.directory, peer, self.write, self.close, limits=server.limits)
+        self.session = Session(server.engine, server.directory, peer, self.write, self.close, limits=server.limits,
+                               send_fds=self.write_fds)
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -106,6 +107,23 @@ class Connection:
                 return
             self._writing = True
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def write_fds(self, frame: bytes, fds: list[int]) -> None:
+        """Send ``frame`` with ``fds`` riding on its first byte (SCM_RIGHTS); the fds stay ours."""
+        if not self.open:
+            raise errors.SessionClosed("the connection is closed")
+        if self._out:
+            raise errors.TooManyRequests("cannot hand over file descriptors while replies are still queued; "
+                                         "retry once they are read")
+        try:
+            n = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        except (BlockingIOError, InterruptedError):
+            raise errors.TooManyRequests("the connection is not writable now; retry") from None
+        except OSError as exc:
+            self.close()
+            raise errors.SessionClosed(f"the connection failed: {exc}") from None
+        if n < len(frame):
+            self.write(frame[n:])
 
     def _on_writable(self) -> None:
         try:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from .protocol import (
     GraphSpec,
     Hello,
     LibraryRegistered,
+    OpenRings,
     Ping,
     Pong,
     PrepareGraph,
@@ -42,6 +44,7 @@ from .protocol import (
     ReleaseGraph,
     ReleaseResident,
     ResidentRegistered,
+    RingsOpened,
     RunGraph,
     RunPrepared,
     Status,
@@ -52,6 +55,8 @@ from .protocol import (
     encode,
     error_frame,
 )
+from .records import DEDICATED, TRACE, decode_run, decode_values, encode_done
+from .session_rings import SessionRings
 from .tenants import Peer, Tenant, TenantDirectory
 
 log = structlog.get_logger("kaas.session")
@@ -63,13 +68,15 @@ class Session:
     """Protocol state of one connection. ``send`` writes a frame; ``close`` ends the connection."""
 
     def __init__(self, engine: Engine, directory: TenantDirectory, peer: Peer,
-                 send: Callable[[bytes], None], close: Callable[[], None], *, limits: Limits = Limits()) -> None:
+                 send: Callable[[bytes], None], close: Callable[[], None], *, limits: Limits = Limits(),
+                 send_fds: Callable[[bytes, list[int]], None] | None = None) -> None:
         self.engine = engine
         self.directory = directory
         self.peer = peer
         self.id = next(_session_ids)
         self._send = send
         self._close = close
+        self._send_fds = send_fds
         self.limits = limits
         self.tenant: Tenant | None = None
         self.state: TenantState | None = None
@@ -86,6 +93,8 @@ class Session:
         self._graphs: set[int] = set()  # requests whose graphs the engine holds
         self._graphs_idle = asyncio.Event()
         self._graphs_idle.set()
+        self.rings: SessionRings | None = None
+        self._device_index: dict[str, tuple[int, int]] = {}
         self.closed = False
         self.recv_stamp = 0.0  # when the bytes being handled were read (for traced requests)
         self.log = log.bind(session=self.id, pid=peer.pid, uid=peer.uid)
@@ -106,23 +115,10 @@ class Session:
         if isinstance(msg, Hello):
             self.reply_error(0, errors.ProtocolError("handshake already done"))
             return
-        if req <= 0:
-            self.reply_error(0, errors.InvalidArgument(f"request id must be positive, got {req}"))
+        if not self._admit(req):
             if isinstance(msg, RegisterArena):
                 self._drop_fd()
             return
-        if req in self.inflight:
-            self.reply_error(req, errors.InvalidArgument(f"request id {req} is already in flight"))
-            if isinstance(msg, RegisterArena):
-                self._drop_fd()
-            return
-        if len(self.inflight) >= self.engine.config.max_inflight:
-            self.reply_error(req, errors.TooManyRequests(
-                f"session has {len(self.inflight)} requests in flight (limit {self.engine.config.max_inflight})"))
-            if isinstance(msg, RegisterArena):
-                self._drop_fd()
-            return
-        self.inflight.add(req)
         try:
             self._dispatch(req, msg)
         except errors.KaasError as exc:
@@ -130,6 +126,66 @@ class Session:
         except Exception as exc:
             self.log.exception("request_failed", req=req)
             self._finish_error(req, errors.InternalError(f"broker error: {type(exc).__name__}"))
+
+    def _admit(self, req: int) -> bool:
+        """Take request id ``req`` in flight, or refuse it (a reply is sent) and return False."""
+        if req <= 0:
+            self.reply_error(0, errors.InvalidArgument(f"request id must be positive, got {req}"))
+            return False
+        if req in self.inflight:
+            self.reply_error(req, errors.InvalidArgument(f"request id {req} is already in flight"))
+            return False
+        if len(self.inflight) >= self.engine.config.max_inflight:
+            self.reply_error(req, errors.TooManyRequests(
+                f"session has {len(self.inflight)} requests in flight (limit {self.engine.config.max_inflight})"))
+            return False
+        self.inflight.add(req)
+        return True
+
+    # -- the rings ---------------------------------------------------------------------------
+    def _open_rings(self, req: int) -> None:
+        if self.rings is not None:
+            raise errors.InvalidArgument("this session's rings are open already")
+        if self._send_fds is None:
+            raise errors.InvalidArgument("this connection cannot carry file descriptors")
+        rings = SessionRings(asyncio.get_running_loop(), self.engine.hub, self._ring_record, self._ring_corrupt)
+        try:
+            self.inflight.discard(req)
+            self._send_fds(encode(RingsOpened(req, rings.geom.slots, rings.geom.slot_size)), rings.handover())
+        except BaseException:
+            rings.close()
+            raise
+        rings.handed_over()
+        self.rings = rings
+
+    def _ring_record(self, rec: bytes) -> None:
+        """One run record from the tenant's ring: the same checks and reply as a RunPrepared frame."""
+        self.recv_stamp = time.perf_counter()
+        try:
+            req, handle, flags, _, _, timeout, slices, nvalues, at = decode_run(rec)
+        except errors.ProtocolError as exc:
+            self.reply_error(int(exc.detail.pop("req", 0)), exc)
+            return
+        if not self._admit(req):
+            return
+        self.engine.stats["ring_runs"] += 1
+        try:
+            prepared = self.prepared.get(handle)
+            if prepared is None:
+                raise errors.UnknownGraph(f"graph {handle} is not prepared in this session",
+                                          detail={"handle": handle})
+            values = decode_values(rec, at, nvalues, prepared.vstruct)
+            self._submit(req, prepared, slices, values, timeout, bool(flags & TRACE), ring=True)
+        except errors.KaasError as exc:
+            self._finish_error(req, exc)
+        except Exception as exc:
+            self.log.exception("request_failed", req=req)
+            self._finish_error(req, errors.InternalError(f"broker error: {type(exc).__name__}"))
+
+    def _ring_corrupt(self, exc: errors.KaasError) -> None:
+        self.log.warning("ring_corrupt", error=str(exc))
+        self.reply_error(0, exc)
+        self.close()
 
     def fds_received(self, fds: list[int]) -> None:
         self.fds.extend(fds)
@@ -172,6 +228,8 @@ class Session:
             self._run(req, msg)
         elif isinstance(msg, PrepareGraph):
             self._prepare(req, msg)
+        elif isinstance(msg, OpenRings):
+            self._open_rings(req)
         elif isinstance(msg, ReleaseGraph):
             held = self.prepared.pop(msg.handle, None)
             if held is None:
@@ -273,14 +331,15 @@ class Session:
         self._submit(req, rec, slices, values, msg.timeout, msg.trace)
 
     def _submit(self, req: int, rec: PreparedRecord, slices: tuple[int, ...], values: tuple[int | float, ...],
-                timeout: float, trace: bool) -> None:
+                timeout: float, trace: bool, ring: bool = False) -> None:
         assert self.tenant is not None
         bound, vals, arenas = bind(rec.template, slices, values, self._arena_refs)
         self.engine.check_quarantine(self.tenant.name, rec.template)
         if not math.isfinite(timeout) or timeout < 0:
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds >= 0 (0: none), got {timeout}")
         self.engine.submit(tenant=self.tenant.name, session=self.id, prepared=rec, slices=bound, values=vals,
-                           arenas=arenas, timeout=timeout, on_done=functools.partial(self._graph_done, req),
+                           arenas=arenas, timeout=timeout,
+                           on_done=functools.partial(self._ring_done if ring else self._graph_done, req),
                            trace_from=self.recv_stamp if trace else 0.0)
         self._graphs.add(req)
         self._graphs_idle.clear()
@@ -293,6 +352,25 @@ class Session:
             self._finish_error(req, outcome)
         else:
             self._finish(req, GraphDone(req, outcome.device, outcome.timings, outcome.trace))
+
+    def _ring_done(self, req: int, outcome: GraphResult | errors.KaasError) -> None:
+        """A ring run's reply: a completion record, or a frame when it failed or the ring is full."""
+        rings = self.rings
+        if rings is not None and not isinstance(outcome, errors.KaasError) and not self.closed:
+            idx = self._device_index.get(outcome.device)
+            if idx is None:
+                physical, dedicated, _ = outcome.device.partition("#")
+                idx = self._device_index[outcome.device] = (self.engine.devices.index(physical),
+                                                            DEDICATED if dedicated else 0)
+            t = outcome.timings
+            if rings.post(encode_done(req, (t.queued, t.copy_in, t.kernels, t.copy_out, t.total), outcome.trace,
+                                      device=idx[0], flags=idx[1])):
+                self._graphs.discard(req)
+                if not self._graphs:
+                    self._graphs_idle.set()
+                self.inflight.discard(req)
+                return
+        self._graph_done(req, outcome)
 
     async def _register_arena(self, req: int, fd: int, size: int) -> None:
         assert self.tenant is not None
@@ -383,6 +461,9 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()

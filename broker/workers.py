@@ -21,8 +21,13 @@ from typing import Any
 import structlog
 
 from . import errors
-from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
-from .streams.wire import WorkerCommand, WPoisoned, WReady, WReply, WShutdown, event_decoder
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Timings, encode
+from .records import decode_done, encode_run
+from .ring import Consumer, Producer, RingCorrupt, RingGeometry, create_segment, drain, make_eventfd, wake
+from .streams.wire import WorkerCommand, WPoisoned, WReady, WReply, WRun, WShutdown, event_decoder
+
+RING_GEOMETRY = RingGeometry(slots=1024, slot_size=512)
+_RING_PASS = 64
 
 log = structlog.get_logger("kaas.workers")
 
@@ -32,7 +37,7 @@ class WorkerHandle:
 
     def __init__(self, device: str, *, host_modules: tuple[str, ...], compile_check: str, spin_us: int = 0,
                  on_exit: Callable[[WorkerHandle, int | None], None] | None = None, physical: str = "",
-                 tenant: str = "") -> None:
+                 tenant: str = "", hub: Any = None) -> None:
         self.device = device            # the broker's name for this worker ("cuda:0", or "cuda:0#tenant")
         self.physical = physical or device  # the device it opens
         self.tenant = tenant            # "" for shared workers; the owner of a dedicated one
@@ -57,22 +62,44 @@ class WorkerHandle:
         self._out_fds: list[tuple[int, list[int]]] = []  # (offset in _out where fds ride, fds)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = False
+        # The hot path: runs go out on ring 0 of a shared segment, completions come back on
+        # ring 1 (``broker.ring``); everything else, and every failure, uses the socket.
+        self.hub = hub  # broker.session_rings.RingHub: polls our completions while the broker spins
+        self._ring_mm: Any = None
+        self._runs: Producer | None = None
+        self._completions: Consumer | None = None
+        self._wake_worker = -1   # written when the worker sleeps on its runs
+        self._wake_broker = -1   # the worker writes it when we sleep on completions
+        self._sock_seq = 0       # the last command sent on the socket: a ring run must follow it
 
     async def start(self, timeout: float = 120.0) -> dict[str, Any]:
         loop = self._loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        geom = RING_GEOMETRY
+        seg, self._ring_mm = create_segment(geom)
+        self._wake_worker, self._wake_broker = make_eventfd(), make_eventfd()
+        self._runs = Producer(self._ring_mm, geom, 0)
+        self._completions = Consumer(self._ring_mm, geom, 1)
         try:
             cmd = [sys.executable, "-m", "broker.streams.worker", "--fd", str(theirs.fileno()),
                    "--device", self.physical, "--host-modules", ",".join(self.host_modules),
-                   "--compile-check", self.compile_check, "--spin-us", str(self.spin_us)]
-            self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                   "--compile-check", self.compile_check, "--spin-us", str(self.spin_us),
+                   "--ring-fd", str(seg), "--ring-slots", str(geom.slots), "--ring-slot-size", str(geom.slot_size),
+                   "--wake-fd", str(self._wake_worker), "--notify-fd", str(self._wake_broker)]
+            self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), seg, self._wake_worker, self._wake_broker],
+                                         stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
+            os.close(seg)
         ours.setblocking(False)
         self._sock = ours
         self._ready = loop.create_future()
         self.alive = True
         loop.add_reader(ours.fileno(), self._on_readable)
+        loop.add_reader(self._wake_broker, self._on_ring_wake)
+        self._completions.prepare_sleep()
+        if self.hub is not None:
+            self.hub.members.add(self)
         try:
             self.info = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except (Exception, asyncio.CancelledError):
@@ -112,11 +139,62 @@ class WorkerHandle:
             self._loop.call_soon(on_reply, errors.WorkerLost(f"worker {self.device} is not running"))
             return
         self._pending[cmd.seq] = on_reply
+        self._sock_seq = cmd.seq
         frame = encode(cmd)
         if fd is not None:
             self._out_fds.append((len(self._out), [os.dup(fd)]))
         self._out += frame
         self._flush()
+
+    def send_run(self, cmd: WRun, st: Any, on_reply: Callable[[WReply | errors.KaasError], None]) -> None:
+        """Send a run of a prepared graph on the ring (``st``: its ``records.run_struct``); the socket
+        carries it when the ring is full or the record too big."""
+        runs = self._runs
+        if runs is None or not self.alive or st.size > runs.max_payload:
+            self.send_cb(cmd, on_reply)
+            return
+        rec = encode_run(st, cmd.seq, cmd.handle, cmd.slices, cmd.values, cmd.deadline, trace=cmd.trace,
+                         barrier=self._sock_seq, priority=cmd.priority)
+        self._pending[cmd.seq] = on_reply
+        if not runs.push(rec):
+            del self._pending[cmd.seq]
+            self.send_cb(cmd, on_reply)
+            return
+        if runs.consumer_sleeping():
+            wake(self._wake_worker)
+
+    # -- completions on the ring (a RingHub member) -----------------------------------------
+    def poll(self, limit: int) -> int:
+        c = self._completions
+        if c is None:
+            return 0
+        try:
+            records = c.pop_many(limit)
+        except RingCorrupt as exc:
+            self._completions = None
+            self.kill(f"its completion ring is corrupt: {exc}")
+            return 0
+        pending = self._pending
+        for rec in records:
+            _, seq, _, _, t, trace = decode_done(rec)
+            cb = pending.pop(seq, None)
+            if cb is not None:
+                cb(WReply(seq, timings=Timings(*t), trace=trace))
+        return len(records)
+
+    def sleep(self) -> bool:
+        c = self._completions
+        return True if c is None else c.prepare_sleep()
+
+    def _on_ring_wake(self) -> None:
+        drain(self._wake_broker)
+        if self._completions is not None:
+            self._completions.end_sleep()
+        if self.hub is not None:
+            self.hub.woken(self)
+        else:
+            while self.poll(_RING_PASS) or not self.sleep():
+                pass
 
     async def call(self, cmd: WorkerCommand, fd: int | None = None) -> WReply:
         reply = await self.send(cmd, fd)
@@ -167,6 +245,7 @@ class WorkerHandle:
         if not data:
             self._lost("worker closed its channel")
             return
+        self.poll(1 << 30)  # completions first: a fault's replies follow what finished before it
         for body in self._decoder.feed(data):
             ev = event_decoder.decode(body)
             if isinstance(ev, WReply):
@@ -184,6 +263,8 @@ class WorkerHandle:
     def _lost(self, why: str) -> None:
         if not self.alive:
             return
+        # What the worker published before it died is a result: take it before failing the rest.
+        self.poll(1 << 30)
         self.alive = False
         code = None
         if self.proc is not None:
@@ -210,7 +291,25 @@ class WorkerHandle:
             self._ready.set_exception(err)
             self._ready.exception()  # a start() cancelled at shutdown no longer waits for it
 
+    def _close_rings(self) -> None:
+        if self.hub is not None:
+            self.hub.members.discard(self)
+        if self._loop is not None and self._wake_broker >= 0:
+            self._loop.remove_reader(self._wake_broker)
+        for end in (self._runs, self._completions):
+            if end is not None:
+                end.close()
+        self._runs = self._completions = None
+        if self._ring_mm is not None:
+            self._ring_mm.close()
+            self._ring_mm = None
+        for fd in (self._wake_worker, self._wake_broker):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_worker = self._wake_broker = -1
+
     def _close_sock(self) -> None:
+        self._close_rings()
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._loop.remove_writer(self._sock.fileno())

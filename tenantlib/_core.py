@@ -6,6 +6,7 @@ import collections
 import hashlib
 import math
 import os
+import struct
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from broker.protocol import (
     decode_broker,
     trace_hops,
 )
+from broker.records import encode_run, run_struct
 
 from . import errors
 from .arena import Arena
@@ -122,6 +124,7 @@ class ClientCore:
             weakref.WeakKeyDictionary())
         self._unused: list[int] = []
         self._ignored: set[int] = set()  # requests whose replies nobody waits for
+        self._run_structs: dict[int, struct.Struct] = {}  # handle -> layout of its ring run records
         self.closed = False
 
     @staticmethod
@@ -205,6 +208,7 @@ class ClientCore:
         if old is not None:
             old[2].detach()
             self._unused.append(old[1])
+        self._run_structs[reply.handle] = run_struct(reply.slices // 2, reply.literals)
         fin = weakref.finalize(graph, self._unused.append, reply.handle)
         fin.atexit = False
         self._handles[graph] = (version, reply.handle, fin)
@@ -222,6 +226,7 @@ class ClientCore:
         out = []
         while self._unused:
             msg = ReleaseGraph(self.next_req(), self._unused.pop())
+            self._run_structs.pop(msg.handle, None)
             self._ignored.add(msg.req)
             out.append(msg)
         return out
@@ -231,6 +236,18 @@ class ClientCore:
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
         slices, values = graph.bindings(self.locate, (id(self), self._arena_gen))
         return RunPrepared(self.next_req(), handle, slices, values, float(timeout or 0.0), trace)
+
+    def run_record(self, graph: Graph, handle: int, timeout: float | None, trace: bool,
+                   max_payload: int) -> tuple[int, bytes] | None:
+        """``(req, ring record)`` of a run of prepared ``graph``, or None if it does not fit a slot."""
+        st = self._run_structs.get(handle)
+        if st is None or st.size > max_payload:
+            return None
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
+        slices, values = graph.bindings(self.locate, (id(self), self._arena_gen))
+        req = self.next_req()
+        return req, encode_run(st, req, handle, slices, values, float(timeout or 0.0), trace=trace)
 
     def run_msg(self, graph: Graph, timeout: float | None, trace: bool = False) -> RunGraph:
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):

@@ -23,8 +23,10 @@ from broker.protocol import (
     Error,
     FrameDecoder,
     KernelSpec,
+    OpenRings,
     Ping,
     ReleaseResident,
+    RingsOpened,
     Status,
     StatusReply,
     Welcome,
@@ -36,6 +38,9 @@ from . import errors
 from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
+from .rings import ClientRings
+
+_RING = b"\0ring"  # what _recv returns when completions wait on the ring (never socket bytes)
 
 
 class PendingRun:
@@ -73,6 +78,7 @@ class Client(ClientCore):
         env = os.environ.get("KAAS_SPIN_US")
         us = spin_us if spin_us is not None else int(env) if env else welcome.spin_us
         self.spin = max(0, us) / 1e6  # seconds to busy-poll for a reply before sleeping
+        self._rings: ClientRings | None = None
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, msg: Any, fd: int | None = None) -> None:
@@ -102,23 +108,33 @@ class Client(ClientCore):
         raise errors.SessionClosed(f"connection to the broker was lost: {exc}") from None
 
     def _recv(self, deadline: float | None) -> bytes | None:
-        """Bytes from the broker: spin for ``self.spin``, then sleep in poll(); None at the deadline."""
+        """Bytes from the broker, or ``_RING`` when completions wait on the ring: spin for
+        ``self.spin``, then sleep in poll() on the socket and the ring's eventfd; None at the deadline."""
         sock = self._sock
+        rings = self._rings
         spin_end = time.perf_counter() + self.spin
         while True:
             try:
                 return sock.recv(1 << 20)
             except BlockingIOError:
                 pass
+            if rings is not None and rings.pending():
+                return _RING
             if time.perf_counter() < spin_end:
                 continue
-            if deadline is None:
-                self._poll.poll()
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._poll.poll(max(1, int(left * 1000)))
+            if rings is not None and not rings.prepare_sleep():
+                return _RING
+            try:
+                if deadline is None:
+                    self._poll.poll()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._poll.poll(max(1, int(left * 1000)))
+            finally:
+                if rings is not None:
+                    rings.end_sleep()
 
     def _wait(self, req: int, limit: float | None) -> BrokerMessage:
         deadline = None if limit is None else time.monotonic() + limit
@@ -133,6 +149,11 @@ class Client(ClientCore):
                     self._broken(exc)
                 if data is None:
                     raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
+                if data is _RING:
+                    assert self._rings is not None
+                    for done in self._rings.take():
+                        self._replies[done.req] = done
+                    continue
                 if not data:
                     self._broken(ConnectionResetError("broker closed the connection"))
                 for body in self._decoder.feed(data):
@@ -213,6 +234,13 @@ class Client(ClientCore):
                 handle = self.prepared(graph, version, self._request(self.prepare_msg(graph)))
             for rel in self.release_msgs():
                 self._send(rel)
+            rings = self._rings
+            if rings is not None:
+                rec = self.run_record(graph, handle, timeout, trace, rings.max_payload)
+                if rec is not None:
+                    t0 = time.perf_counter()
+                    if rings.send(rec[1]):
+                        return PendingRun(self, rec[0], t0, self.wait_limit(timeout, self.timeout))
             msg = self.run_prepared_msg(graph, handle, timeout, trace)
             t0 = time.perf_counter()
             self._send(msg)
@@ -249,11 +277,51 @@ class Client(ClientCore):
         assert isinstance(reply, StatusReply)
         return reply.info["result"]
 
+    def _open_rings(self) -> None:
+        """Ask for the session's rings; a broker that has none leaves the client on frames."""
+        msg = OpenRings(self.next_req())
+        self._send(msg)
+        fds = array.array("i")
+        deadline = time.monotonic() + (self.timeout or 60.0)
+        bodies: list[bytes] = []
+        with self._lock:
+            while not bodies:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                    raise errors.RequestTimeout("no answer to the request for rings")
+                try:
+                    data, anc, _, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(8 * fds.itemsize))
+                except BlockingIOError:
+                    continue
+                if not data:
+                    self._broken(ConnectionResetError("broker closed the connection"))
+                for level, typ, cdata in anc:
+                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                        fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
+                bodies = self._decoder.feed(data)
+            reply = decode_broker(bodies[0])
+            for extra in bodies[1:]:
+                m = decode_broker(extra)
+                self._replies[getattr(m, "req", 0)] = m
+        if isinstance(reply, Error):
+            for fd in fds:
+                os.close(fd)
+            return
+        if not isinstance(reply, RingsOpened) or reply.req != msg.req:
+            for fd in fds:
+                os.close(fd)
+            raise errors.ProtocolError(f"expected the rings, got {type(reply).__name__}")
+        self._rings = ClientRings(reply, list(fds), self.devices, self.tenant)
+        self._poll.register(self._rings.wake_tenant, select.POLLIN)
+
     def close(self) -> None:
         """End the session; the broker releases every arena. Idempotent."""
         if self.closed:
             return
         self.closed = True
+        if self._rings is not None:
+            self._poll.unregister(self._rings.wake_tenant)
+            self._rings.close()
         for a in self._arenas:
             a.closed = True
         self._arenas.clear()
@@ -274,13 +342,14 @@ class Client(ClientCore):
 
 
 def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0,
-            spin_us: int | None = None) -> Client:
+            spin_us: int | None = None, rings: bool | None = None) -> Client:
     """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
 
     ``timeout`` bounds each request's wait (None waits forever); graphs with their own
     ``timeout=`` wait that long plus a grace period for the broker's verdict.  ``spin_us``:
     how long to busy-poll for a reply before sleeping (default ``$KAAS_SPIN_US``, else what
-    the broker suggests: non-zero only where it drives GPUs).
+    the broker suggests: non-zero only where it drives GPUs).  ``rings``: runs and completions
+    travel through shared-memory rings (default, unless ``$KAAS_RINGS=0``), else as frames.
     """
     path = default_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -307,4 +376,10 @@ def connect(path: str | None = None, *, client: str = "tenantlib", timeout: floa
     for extra in bodies[1:]:
         reply = decode_broker(extra)
         c._replies[getattr(reply, "req", 0)] = reply
+    if rings if rings is not None else os.environ.get("KAAS_RINGS", "1") != "0":
+        try:
+            c._open_rings()
+        except BaseException:
+            c.close()
+            raise
     return c

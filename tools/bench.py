@@ -102,7 +102,7 @@ def _latency_tenant(socket: str, iterations: int, warmup: int, trace: bool = Fal
 
 def direct_baseline(iterations: int) -> list[float] | None:
     """In-process cuda.bindings launch+sync of an empty kernel, in a child process (None without CUDA)."""
-    code = ("import json,sys\nfrom broker.streams.cuda_backend import direct_null_latency\n"
+    code = ("import json,sys\nfrom bench.cuda_selfcheck import direct_null_latency\n"
             "print(json.dumps(direct_null_latency(int(sys.argv[1]))))")
     try:
         out = subprocess.run([sys.executable, "-c", code, str(iterations)], capture_output=True, text=True,

@@ -24,6 +24,8 @@ from typing import Any
 
 from .. import errors
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
+from ..records import TRACE, decode_run, decode_values, encode_done, values_struct
+from ..ring import Consumer, Producer, RingCorrupt, RingGeometry, drain, map_segment, wake
 from .backend import Backend, Completion
 from .wire import (
     WEvictResident,
@@ -71,10 +73,27 @@ def make_backend(device: str, host_modules: tuple[str, ...], compile_check: str)
     raise SystemExit(f"unknown device {device!r}")
 
 
+class WorkerRings:
+    """The worker's ends of its rings: runs in (ring 0), completions out (ring 1)."""
+
+    def __init__(self, fd: int, geom: RingGeometry, wake_fd: int, notify_fd: int) -> None:
+        self.mm = map_segment(fd, geom)
+        os.close(fd)
+        self.runs = Consumer(self.mm, geom, 0)
+        self.completions = Producer(self.mm, geom, 1)
+        self.wake_fd = wake_fd      # the broker writes it when this worker sleeps
+        self.notify_fd = notify_fd  # written when the broker sleeps on completions
+        self.max_payload = geom.max_payload
+
+
 class Worker:
-    def __init__(self, sock: socket.socket, backend: Backend, spin: float = 0.0) -> None:
+    def __init__(self, sock: socket.socket, backend: Backend, spin: float = 0.0,
+                 rings: WorkerRings | None = None) -> None:
         self.sock = sock
         self.backend = backend
+        self.rings = rings
+        self.sock_seq = 0  # the last command read from the socket: ring runs name the one they follow
+        self.vstructs: dict[int, Any] = {}  # prepared graph -> layout of its literal values
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.fds: list[int] = []
         self.traced: dict[int, list[float]] = {}  # seq -> stamps, for runs that asked for a trace
@@ -99,7 +118,36 @@ class Worker:
         if not data:
             return False
         for body in self.decoder.feed(data):
-            self.handle(command_decoder.decode(body))
+            cmd = command_decoder.decode(body)
+            self.sock_seq = max(self.sock_seq, cmd.seq)
+            self.handle(cmd)
+        return True
+
+    def _ring_runs(self) -> bool:
+        """Start the runs waiting on the ring; False when the broker went away meanwhile."""
+        assert self.rings is not None
+        for rec in self.rings.runs.pop_many(64):
+            seq, handle, flags, priority, barrier, deadline, slices, nvalues, at = decode_run(rec)
+            while self.sock_seq < barrier:  # it follows a command still on the socket (its prepare)
+                if not self._recv():
+                    return False
+            t = time.perf_counter() if flags & TRACE else 0.0
+            try:
+                refused = self.refused.get(handle)
+                if refused is not None:
+                    raise refused
+                vs = self.vstructs.get(handle)
+                if vs is None:
+                    raise errors.InternalError(f"prepared graph {handle} is not held by this worker")
+                self.backend.run(seq, handle, slices, decode_values(rec, at, nvalues, vs), deadline, priority)
+            except errors.KaasError as exc:
+                self.send(WReply(seq, exc.code, exc.message, exc.detail))
+                continue
+            except Exception as exc:
+                self.send(WReply(seq, errors.InternalError.code, f"worker: {type(exc).__name__}: {exc}"))
+                continue
+            if t:
+                self.traced[seq] = [t, time.perf_counter()]
         return True
 
     def _take_fd(self) -> int:
@@ -125,10 +173,14 @@ class Worker:
                 except errors.KaasError as exc:
                     self.refused[cmd.handle] = exc
                     raise
+                g = cmd.graph
+                self.vstructs[cmd.handle] = values_struct(tuple(
+                    getattr(g.kernels[k].args[a], "dtype", "f64") for k, a in cmd.literals))
                 self.send(WReply(cmd.seq))
                 return
             if isinstance(cmd, WRelease):
                 self.refused.pop(cmd.handle, None)
+                self.vstructs.pop(cmd.handle, None)
                 self.backend.release(cmd.handle)
                 self.send(WReply(cmd.seq))
                 return
@@ -161,14 +213,22 @@ class Worker:
 
     def _complete(self, done: list[Completion]) -> None:
         now = time.perf_counter()
+        rings = self.rings
+        posted = False
         for c in done:
             stamps = self.traced.pop(c.token, None)
+            trace = (*stamps, now) if stamps is not None else ()
             if c.error is not None:
                 self.send(WReply(c.token, c.error.code, c.error.message, c.error.detail))
-            elif stamps is not None:
-                self.send(WReply(c.token, timings=c.timings, trace=(*stamps, now)))
-            else:
-                self.send(WReply(c.token, timings=c.timings))
+                continue
+            t = c.timings
+            if rings is not None and t is not None and rings.completions.push(
+                    encode_done(c.token, (t.queued, t.copy_in, t.kernels, t.copy_out, t.total), trace)):
+                posted = True
+            else:  # no ring, or it is full: the socket carries it
+                self.send(WReply(c.token, timings=t, trace=trace))
+        if posted and rings is not None and rings.completions.consumer_sleeping():
+            wake(rings.notify_fd)
 
     def run(self) -> int:
         self.send(WReady(self.backend.info()))
@@ -182,9 +242,23 @@ class Worker:
                 timeout = min(0.001, idle / 4)  # long device work: back off, up to 1 ms
             else:
                 timeout = None
-            r, _, _ = select.select([self.sock], [], [], timeout)
-            if r:
+            rings = self.rings
+            sfd = self.sock.fileno()
+            if rings is None:
+                r, _, _ = select.select([sfd], [], [], timeout)
+            else:
+                if timeout != 0.0 and not rings.runs.prepare_sleep():
+                    timeout = 0.0  # a run arrived while announcing the sleep
+                r, _, _ = select.select([sfd, rings.wake_fd], [], [], timeout)
+                if timeout != 0.0:
+                    rings.runs.end_sleep()
+                    drain(rings.wake_fd)
+            if sfd in r:
                 if not self._recv():
+                    break
+                last = time.perf_counter()
+            if rings is not None and (rings.runs.pending() or r):
+                if not self._ring_runs():
                     break
                 last = time.perf_counter()
             done = self.backend.poll()
@@ -206,16 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-modules", default="tenantlib.kernels.host")
     p.add_argument("--compile-check", default="sm_90", help="arch the CPU device checks CUDA C against ('' off)")
     p.add_argument("--spin-us", type=int, default=0, help="busy-poll this long after activity")
+    p.add_argument("--ring-fd", type=int, default=-1, help="inherited ring segment (runs in, completions out)")
+    p.add_argument("--ring-slots", type=int, default=0)
+    p.add_argument("--ring-slot-size", type=int, default=0)
+    p.add_argument("--wake-fd", type=int, default=-1, help="eventfd the broker writes when this worker sleeps")
+    p.add_argument("--notify-fd", type=int, default=-1, help="eventfd to write when the broker sleeps")
     args = p.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when we stop
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     backend = make_backend(args.device, tuple(m for m in args.host_modules.split(",") if m), args.compile_check)
+    rings = None
+    if args.ring_fd >= 0:
+        rings = WorkerRings(args.ring_fd, RingGeometry(args.ring_slots, args.ring_slot_size), args.wake_fd,
+                            args.notify_fd)
     try:
-        rc = Worker(sock, backend, args.spin_us / 1e6).run()
+        rc = Worker(sock, backend, args.spin_us / 1e6, rings).run()
     except (BrokenPipeError, ConnectionResetError):
         rc = 0
+    except RingCorrupt as exc:  # the broker is trusted: this is a bug; exiting makes it respawn us
+        print(f"kaas worker: {exc}", file=sys.stderr)
+        rc = 1
     if rc == EXIT_POISONED:
         os._exit(rc)  # tearing down a poisoned context only delays the respawn; exiting frees it
     backend.close()

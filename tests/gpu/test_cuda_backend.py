@@ -224,7 +224,7 @@ def test_vadd(backend: Any, rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(c, a + b)
     t = done.timings
     assert t is not None and t.copy_in > 0 and t.kernels > 0 and t.copy_out > 0
-    assert t.total == pytest.approx(t.copy_in + t.kernels + t.copy_out)
+    assert t.total > t.copy_in + t.copy_out  # the event-measured span: copies and the kernel stage
     arena.close()
 
 
@@ -250,7 +250,11 @@ def test_multi_kernel_graph_with_temp(backend: Any, rng: np.random.Generator) ->
 
 
 def test_timings_of_stages_a_graph_does_not_have_are_zero(backend: Any) -> None:
-    """A stage the graph lacks reports exactly 0.0 (no event is spent on it); the others are timed."""
+    """A stage the graph lacks reports exactly 0.0 (no event is spent on it); the others are timed.
+
+    ``kernels`` is the occupancy charge (any graph on a lane is charged); the event-measured
+    kernel stage is what ``total`` (the graph's span on its lane) holds beyond the copies.
+    """
     arena = Arena(backend, 3 * 4096)
     o, x = arena.place(np.ones(256, np.float32))
     spin = ExecKernel(LIB, "t_spin", (1, 1, 1), (1, 1, 1), 0, (Lit("u64", 2000),))
@@ -266,9 +270,13 @@ def test_timings_of_stages_a_graph_does_not_have_are_zero(backend: Any) -> None:
             ok(done)
             t = done.timings
             assert t is not None
-            for stage, want in zip((t.copy_in, t.kernels, t.copy_out), expect, strict=True):
-                assert stage == 0.0 if want == "0" else stage > 0 if want == "+" else stage >= 0, (graph, t)
-            assert t.total == pytest.approx(t.copy_in + t.kernels + t.copy_out)
+            kernel_stage = t.total - t.copy_in - t.copy_out
+            for stage, want in zip((t.copy_in, kernel_stage, t.copy_out), expect, strict=True):
+                if want == "0":
+                    assert abs(stage) < 1e-12, (graph, t)
+                else:
+                    assert stage > 0 if want == "+" else stage >= 0, (graph, t)
+            assert t.kernels > 0, (graph, t)  # charged for its time on the device, kernels or not
     arena.close()
 
 
@@ -499,6 +507,9 @@ def _std_cases(std: Any, rng: np.random.Generator) -> dict[str, tuple[list[tuple
                             ("reduce_final", fg, fb, (Buf(1), Buf(2), Lit("i32", rg[0])))]),
         "jacobi2d": ([("in", rng.standard_normal((ny, nx), f32)), ("out", np.zeros((ny, nx), f32))],
                      [("jacobi2d", *std.jacobi_launch(nx, ny), (Buf(0), Buf(1), Lit("i32", nx), Lit("i32", ny)))]),
+        "bias_relu": ([("in", rng.standard_normal((M, N), f32)), ("in", rng.standard_normal(N, f32)),
+                       ("out", np.full((M, N), np.nan, f32))],
+                      [("bias_relu", *std.launch_1d(M * N), (Buf(0), Buf(1), Buf(2), Lit("i32", M), Lit("i32", N)))]),
     }
 
 

@@ -110,19 +110,19 @@ def _chain(arena: Arena, rng: np.random.Generator, n: int, length: int) -> tuple
 # -- tests -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [True, False, "auto", "1", "0", "AUTO"])
 def test_mode_from_argument_and_environment(value: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    cb = pytest.importorskip("broker.streams.cuda_backend")
+    cr = pytest.importorskip("broker.streams.cuda_replay")
     monkeypatch.delenv("KAAS_CUDA_GRAPHS", raising=False)
     expect = {True: "on", "1": "on", False: "off", "0": "off", "auto": "auto", "AUTO": "auto"}[value]
-    assert cb._MODE_NAMES[cb._graph_mode(value)] == expect
+    assert cr.MODE_NAMES[cr.graph_mode(value)] == expect
     for env, mode in (("0", "off"), ("1", "on"), ("auto", "auto")):
         monkeypatch.setenv("KAAS_CUDA_GRAPHS", env)
-        assert cb._MODE_NAMES[cb._graph_mode("auto")] == mode  # the variable replaces the default
-        assert cb._MODE_NAMES[cb._graph_mode(True)] == "on"  # an explicit argument wins
+        assert cr.MODE_NAMES[cr.graph_mode("auto")] == mode  # the variable replaces the default
+        assert cr.MODE_NAMES[cr.graph_mode(True)] == "on"  # an explicit argument wins
     monkeypatch.setenv("KAAS_CUDA_GRAPHS", "sometimes")
     with pytest.raises(errors.InternalError, match="KAAS_CUDA_GRAPHS"):
-        cb._graph_mode("auto")
+        cr.graph_mode("auto")
     with pytest.raises(errors.InternalError, match="cuda_graphs"):
-        cb._graph_mode("maybe")
+        cr.graph_mode("maybe")
 
 
 def test_replay_matches_numpy_on_fresh_data_and_moving_arenas(replaying: Any, rng: np.random.Generator) -> None:

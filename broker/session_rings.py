@@ -1,0 +1,159 @@
+"""A session's hot path: its two shared-memory rings, and the hub that polls every ring.
+
+Ring 0 carries run records from the tenant (``broker.records``), ring 1 completion records
+back.  The broker creates the segment (sealed: the tenant cannot shrink it) and both
+eventfds, and hands them over in ``RingsOpened``.  Everything read from ring 0 is untrusted:
+records are copied out of shared memory before they are decoded (``broker.ring``), decoded
+with their declared lengths checked (``broker.records``), and then go through the same
+checks as a ``RunPrepared`` frame.  A broken ring (indices out of range) ends the session,
+as a broken frame stream does.
+
+The hub polls every ring with work in one pass, at most ``PASS_LIMIT`` records from each
+(one busy tenant cannot starve the others), while the engine spins after activity; when the
+spin ends each consumer announces its sleep, and a producer that sees it writes the eventfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from .ring import Consumer, Producer, RingCorrupt, RingGeometry, create_segment, drain, make_eventfd, wake
+
+GEOMETRY = RingGeometry(slots=256, slot_size=512)
+PASS_LIMIT = 32  # records taken from one ring per pass
+
+
+class Polled(Protocol):
+    """Something with an inbound ring: polled by the hub, put to sleep when the spin ends."""
+
+    def poll(self, limit: int) -> int: ...
+
+    def sleep(self) -> bool: ...
+
+
+class RingHub:
+    """Every inbound ring of the broker (sessions' run rings, workers' completion rings)."""
+
+    def __init__(self) -> None:
+        self.members: set[Polled] = set()
+        self.spinning: Callable[[], bool] = lambda: False
+        self.batch: Callable[[Callable[[], object]], object] = lambda fn: fn()  # the engine's pump batching
+
+    def poll_all(self) -> int:
+        """One pass over every ring; returns how many records were taken."""
+        total = 0
+
+        def run() -> None:
+            nonlocal total
+            for m in list(self.members):
+                total += m.poll(PASS_LIMIT)
+
+        self.batch(run)
+        return total
+
+    def sleep_all(self) -> bool:
+        """Announce sleep on every ring; False (and nothing asleep) if one had work meanwhile."""
+        for m in list(self.members):
+            if not m.sleep():
+                return False
+        return True
+
+    def woken(self, m: Polled) -> None:
+        """``m``'s eventfd fired: take what it has (and, when not spinning, sleep again)."""
+        def run() -> None:
+            while m.poll(PASS_LIMIT) >= PASS_LIMIT:
+                pass
+
+        self.batch(run)
+        if not self.spinning():
+            while not m.sleep():
+                self.batch(lambda: m.poll(PASS_LIMIT))
+
+
+class SessionRings:
+    """The broker's ends of one session's rings."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, hub: RingHub, on_record: Callable[[bytes], None],
+                 on_corrupt: Callable[[RingCorrupt], None]) -> None:
+        self.geom = GEOMETRY
+        self.loop = loop
+        self.hub = hub
+        self._on_record = on_record
+        self._on_corrupt = on_corrupt
+        self.fd, self.mm = create_segment(self.geom)
+        self.runs = Consumer(self.mm, self.geom, 0)
+        self.completions = Producer(self.mm, self.geom, 1)
+        self.wake_broker = make_eventfd()
+        self.wake_tenant = make_eventfd()
+        self.open = True
+        self.runs.prepare_sleep()  # asleep until the tenant's first record (it writes the eventfd)
+        loop.add_reader(self.wake_broker, self._on_wake)
+        hub.members.add(self)
+
+    def handover(self) -> list[int]:
+        """The fds the tenant gets (the caller sends them, then calls ``handed_over``)."""
+        return [self.fd, self.wake_broker, self.wake_tenant]
+
+    def handed_over(self) -> None:
+        os.close(self.fd)  # the mapping stays; the tenant holds its own fd
+        self.fd = -1
+
+    def _on_wake(self) -> None:
+        drain(self.wake_broker)
+        self.runs.end_sleep()
+        self.hub.woken(self)
+
+    def poll(self, limit: int) -> int:
+        if not self.open:
+            return 0
+        try:
+            records = self.runs.pop_many(limit)
+        except RingCorrupt as exc:
+            self._on_corrupt(exc)
+            return 0
+        for rec in records:
+            if not self.open:
+                break
+            self._on_record(rec)
+        return len(records)
+
+    def sleep(self) -> bool:
+        if not self.open:
+            return True
+        try:
+            return self.runs.prepare_sleep()
+        except RingCorrupt as exc:
+            self._on_corrupt(exc)
+            return True
+
+    def post(self, record: bytes) -> bool:
+        """Publish a completion; False when the ring is full (the caller sends a frame instead)."""
+        if not self.open:
+            return False
+        try:
+            if not self.completions.push(record):
+                return False
+            if self.completions.consumer_sleeping():
+                wake(self.wake_tenant)
+        except RingCorrupt as exc:
+            self._on_corrupt(exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.hub.members.discard(self)
+        self.loop.remove_reader(self.wake_broker)
+        self.runs.close()
+        self.completions.close()
+        self.mm.close()
+        for fd in (self.fd, self.wake_broker, self.wake_tenant):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
