@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run  # type: ignore[assignment]
     try:
         reread = functools.partial(load, args.config, socket=args.socket, device=args.device, policy=args.policy)
-        return runner(serve(config, devices, sock=inherited[0] if inherited else None, reread=reread))
+        from .profiling import profiled
+
+        return profiled("broker", lambda: runner(serve(config, devices, sock=inherited[0] if inherited else None,
+                                                       reread=reread)))
     except OSError as exc:
         print(f"kaas-broker: {exc}", file=sys.stderr)
         return 1

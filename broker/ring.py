@@ -374,6 +374,10 @@ class Consumer(_End):
             self._q[_TAIL_Q] = tail
         return out
 
+    def ready(self) -> bool:
+        """Cheap check for a busy-poll loop: a record may be waiting (``pop``/``pop_many`` validate)."""
+        return self._q[_HEAD_Q] != self._tail
+
     def pending(self) -> int:
         """Records published and not yet popped (re-reads and validates ``head``)."""
         return self._read_head() - self._tail

@@ -373,10 +373,10 @@ class Scheduler:
         out: list[Assignment] = []
         rejected: list[Rejection] = []
         draining = self._place_isolated(now, out)
-        while True:
-            free = [d for d in self.lanes if self.free(d) > 0 and d != draining]
-            if not free:
-                break
+        # Free lanes per device, counted once per round and kept as jobs are placed.
+        caps = {d: n for d in self.lanes if d != draining and (n := self.free(d)) > 0}
+        while caps:
+            free = list(caps)
             replay = bool(self._replays)
             job = self._replays.popleft() if replay else self.policy.pop(now)
             if job is None:
@@ -403,6 +403,11 @@ class Scheduler:
             self.running[best].add(job.id)
             self._jobs[job.id] = job
             out.append(Assignment(job, best))
+            left = caps[best] - 1
+            if left:
+                caps[best] = left
+            else:
+                del caps[best]
         return Plan(tuple(out), tuple(rejected))
 
     def _place_isolated(self, now: float, out: list[Assignment]) -> str | None:
@@ -432,6 +437,8 @@ class Scheduler:
 
     def _ranked(self, job: Job, free: list[str], holds: Callable[[str, frozenset[int]], int] | None) -> list[str]:
         """``free`` in placement order: the first is what ``_place`` picks."""
+        if len(free) == 1:
+            return free
         def load(d: str) -> float:
             return len(self.running[d]) / max(1, self.lanes[d])
 

@@ -30,6 +30,8 @@ PASS_LIMIT = 32  # records taken from one ring per pass
 class Polled(Protocol):
     """Something with an inbound ring: polled by the hub, put to sleep when the spin ends."""
 
+    def ready(self) -> bool: ...
+
     def poll(self, limit: int) -> int: ...
 
     def sleep(self) -> bool: ...
@@ -44,12 +46,15 @@ class RingHub:
         self.batch: Callable[[Callable[[], object]], object] = lambda fn: fn()  # the engine's pump batching
 
     def poll_all(self) -> int:
-        """One pass over every ring; returns how many records were taken."""
+        """One pass over every ring with records waiting; returns how many were taken."""
+        ready = [m for m in self.members if m.ready()]
+        if not ready:
+            return 0
         total = 0
 
         def run() -> None:
             nonlocal total
-            for m in list(self.members):
+            for m in ready:
                 total += m.poll(PASS_LIMIT)
 
         self.batch(run)
@@ -106,6 +111,9 @@ class SessionRings:
         drain(self.wake_broker)
         self.runs.end_sleep()
         self.hub.woken(self)
+
+    def ready(self) -> bool:
+        return self.open and self.runs.ready()
 
     def poll(self, limit: int) -> int:
         if not self.open:

@@ -164,6 +164,10 @@ class WorkerHandle:
             wake(self._wake_worker)
 
     # -- completions on the ring (a RingHub member) -----------------------------------------
+    def ready(self) -> bool:
+        c = self._completions
+        return c is not None and c.ready()
+
     def poll(self, limit: int) -> int:
         c = self._completions
         if c is None:
@@ -326,6 +330,10 @@ class WorkerHandle:
         if self.alive:
             try:
                 await asyncio.wait_for(self.call(WShutdown(self.next_seq())), timeout)
+                # It answered and is on its way out (closing its device): give it a moment.
+                end = time.monotonic() + min(timeout, 2.0)
+                while self.proc is not None and self.proc.poll() is None and time.monotonic() < end:
+                    await asyncio.sleep(0.01)
             except (TimeoutError, errors.KaasError):
                 pass
         self.kill()

@@ -50,6 +50,9 @@ class ClientRings:
     def pending(self) -> int:
         return self.completions.pending()
 
+    def ready(self) -> bool:
+        return self.completions.ready()
+
     def take(self) -> list[GraphDone]:
         """Completions published so far, as the GraphDone frames they stand for."""
         out = []

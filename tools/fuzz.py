@@ -1,8 +1,10 @@
 """Hostile-input fuzzing of a live broker: ``kaas-bench fuzz --cases N``.
 
-Each case is one frame on a raw tenant connection: random graph descriptions (valid-ish
-specs with every field drawn from edge cases), mutations of valid frames (bit flips,
-truncation, wrong lengths, field swaps), unknown message types and random bytes.
+Each case is one frame on a raw tenant connection, or one record on its run ring: random
+graph descriptions (valid-ish specs with every field drawn from edge cases), mutations of
+valid frames (bit flips, truncation, wrong lengths, field swaps), unknown message types and
+random bytes; prepared graphs (prepare frames, runs by real and forged handles with edge-case
+bindings and literal values, releases); ring records near-valid and random.
 The broker must answer every frame it can parse with a typed ``error`` (a code it
 defines) or a success, close the connection after frames it cannot resynchronise on,
 and keep serving: a healthy tenant runs a real graph every ``--check-every`` cases.
@@ -10,9 +12,11 @@ and keep serving: a healthy tenant runs a real graph every ``--check-every`` cas
 
 from __future__ import annotations
 
+import array
 import collections
 import os
 import random
+import select
 import socket
 import struct
 import sys
@@ -22,8 +26,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from broker import errors
+from broker import errors, records
 from broker import protocol as P
+from broker.ring import Consumer, Producer, RingGeometry, map_segment, wake
 
 _EDGE_INTS = [0, 1, -1, 2, 3, 4, 7, 15, 16, 255, 256, 4095, 4096, 65535, 65536, 2**31 - 1, 2**31, -(2**31),
               2**32 - 1, 2**32, 2**63 - 1, -(2**63)]
@@ -62,7 +67,44 @@ class _Conn:
             self.pending.extend(self.dec.feed(data))
         return P.decode_broker(self.pending.pop(0))
 
+    def open_rings(self, req: int) -> None:
+        """The session's rings: run records out, completion records in."""
+        self.send(P.OpenRings(req))
+        fds = array.array("i")
+        data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(3 * fds.itemsize))
+        for level, typ, cdata in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(cdata)
+        self.pending.extend(self.dec.feed(data))
+        opened = P.decode_broker(self.pending.pop(0))
+        assert isinstance(opened, P.RingsOpened) and len(fds) == 3, opened
+        seg, self.wake_broker, self.wake_tenant = fds
+        self.geom = RingGeometry(opened.slots, opened.slot_size)
+        self.mm = map_segment(seg, self.geom)
+        os.close(seg)
+        self.runs = Producer(self.mm, self.geom, 0)
+        self.done = Consumer(self.mm, self.geom, 1)
+
+    def recv_any(self) -> P.BrokerMessage | bytes | None:
+        """The next frame or completion record (whichever comes first); None once closed."""
+        while True:
+            rec = self.done.pop()
+            if rec is not None:
+                return rec
+            if self.pending:
+                return P.decode_broker(self.pending.pop(0))
+            if select.select([self.sock], [], [], 0.001)[0]:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    return None
+                self.pending.extend(self.dec.feed(data))
+
     def close(self) -> None:
+        self.runs.close()
+        self.done.close()
+        self.mm.close()
+        os.close(self.wake_broker)
+        os.close(self.wake_tenant)
         self.sock.close()
 
 
@@ -90,6 +132,10 @@ class Fuzzer:
         assert isinstance(lib, P.LibraryRegistered), lib
         self.lib = lib.library
         self.kernels = {k.name: k for k in kernels.KERNELS}
+        self.conn.open_rings(3)
+        # (handle, its spec's own slices and literal values, literal kinds) of graphs prepared
+        self.handles: list[tuple[int, tuple[int, ...], tuple[int | float, ...], tuple[str, ...]]] = []
+        self._preparing: dict[int, P.GraphSpec] = {}
 
     # -- generators ------------------------------------------------------------------------
     def _int(self) -> int:
@@ -208,13 +254,92 @@ class Fuzzer:
             body = msgspec.msgpack.encode(P.ReleaseResident(self.req, r.choice(["", "ab" * 32, "x"])))
         return struct.pack("<I", len(body)) + body
 
+    # -- prepared graphs and ring records -----------------------------------------------------
+    def _prepare_frame(self) -> bytes:
+        r = self.rng
+        self.req += 1
+        if r.random() < 0.6:
+            spec = self._valid_spec()
+        else:
+            nbuf, nkern = r.randint(0, 6), r.randint(0, 4)
+            spec = P.GraphSpec(tuple(self._buffer() for _ in range(nbuf)),
+                               tuple(self._kernel(nbuf, nkern) for _ in range(nkern)))
+        self._preparing = {self.req: spec}
+        return P.encode(P.PrepareGraph(self.req, spec))
+
+    def _bindings(self) -> tuple[int, tuple[int, ...], tuple[int | float, ...], tuple[str, ...]]:
+        """A run's handle and bindings: a prepared graph's own, one of them perturbed, or made up."""
+        r = self.rng
+        if self.handles and r.random() < 0.8:
+            handle, own, vals, kinds = r.choice(self.handles)
+        else:
+            handle, own, vals, kinds = r.choice([0, 999, 2**31, r.randint(1, 50)]), (self.arena, 0), (16,), ("i32",)
+        slices, values = list(own), list(vals)
+        what = r.randrange(5)
+        if what == 0 and slices:
+            slices[r.randrange(len(slices))] = r.choice([99, 0, -1, 2, -4, 1 << 16, 65532, self._int()])
+        elif what == 1:
+            slices += [self.arena] if r.random() < 0.5 else [self.arena, 0]
+        elif what == 2 and values:
+            values[r.randrange(len(values))] = self._lit().value
+        elif what == 3:
+            values.append(self._int())
+        return handle, tuple(slices), tuple(values), kinds
+
+    def _run_prepared_frame(self) -> bytes:
+        r = self.rng
+        handle, slices, values, _ = self._bindings()
+        self.req += 1
+        if r.random() < 0.1 and self.handles:
+            h = self.handles.pop(r.randrange(len(self.handles)))[0]
+            return P.encode(P.ReleaseGraph(self.req, r.choice([h, h, 777])))
+        return P.encode(P.RunPrepared(self.req, handle, slices, values, r.choice([0.0, 5.0, -1.0, float("nan")])))
+
+    def _ring_record(self) -> bytes:
+        r = self.rng
+        self.req += 1
+        handle, slices, values, kinds = self._bindings()
+        if len(kinds) != len(values):
+            kinds = tuple("f64" for _ in values)
+        try:
+            st = records.run_struct(len(slices) // 2, kinds)
+            rec = records.encode_run(st, self.req, handle, slices[: 2 * (len(slices) // 2)], values,
+                                     r.choice([0.0, 5.0]))
+        except struct.error:
+            rec = bytes(r.randrange(256) for _ in range(40))
+        if r.random() < 0.3:  # mangle it: the broker copies, checks lengths and counts
+            b = bytearray(rec)
+            for _ in range(r.randint(1, 4)):
+                b[r.randrange(len(b))] = r.randrange(256)
+            rec = bytes(b[: r.randint(1, len(b))]) if r.random() < 0.3 else bytes(b)
+        return rec[: self.conn.geom.max_payload] or b"\0"
+
     # -- running ---------------------------------------------------------------------------
     def case(self) -> None:
         r = self.rng.random()
-        frame = (self._near_valid_frame() if r < 0.4 else self._graph_frame() if r < 0.6
-                 else self._mutated_frame() if r < 0.85 else self._other_frame())
+        if r < 0.15:
+            if not self.conn.runs.push(self._ring_record()):
+                raise AssertionError("the run ring is full although every record was answered")
+            wake(self.conn.wake_broker)
+            self._outcome(self.conn.recv_any(), b"")
+            return
+        frame = (self._near_valid_frame() if r < 0.4 else self._graph_frame() if r < 0.5
+                 else self._prepare_frame() if r < 0.6 else self._run_prepared_frame() if r < 0.7
+                 else self._mutated_frame() if r < 0.88 else self._other_frame())
         self.conn.send_bytes(frame)
-        reply = self.conn.recv()
+        self._outcome(self.conn.recv(), frame)
+
+    def _outcome(self, reply: P.BrokerMessage | bytes | None, frame: bytes) -> None:
+        if isinstance(reply, bytes):
+            kind, *_ = records.decode_done(reply)
+            self.outcomes["ring completion" if kind == records.DONE else "ring failure"] += 1
+            return
+        if isinstance(reply, P.GraphPrepared):
+            spec = self._preparing.get(reply.req)
+            if spec is not None and len(self.handles) < 64:
+                from broker.graph import spec_bindings
+
+                self.handles.append((reply.handle, *spec_bindings(spec), reply.literals))
         if reply is None:
             self.outcomes["closed by broker"] += 1
             self.conn.close()

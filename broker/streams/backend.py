@@ -36,6 +36,7 @@ class Backend(abc.ABC):
     """One device, driven from one thread of a worker process."""
 
     kind: str  # "cpu" | "cuda"
+    poisoned = False  # a sticky fault: the worker must exit (CUDA sets it)
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .wire import (
 )
 
 EXIT_POISONED = 3
+_SELECT_EVERY = 50e-6  # while busy-polling, how often the socket is looked at
 _MAX_FDS = 16
 _PR_SET_PDEATHSIG = 1
 
@@ -232,44 +233,57 @@ class Worker:
 
     def run(self) -> int:
         self.send(WReady(self.backend.info()))
-        last = time.perf_counter()  # the last command or completion
+        backend = self.backend
+        rings = self.rings
+        sfd = self.sock.fileno()
+        clock = time.perf_counter
+        last = clock()  # the last command or completion
+        next_select = 0.0
         while self.running:
-            idle = time.perf_counter() - last
-            busy = self.backend.busy
+            now = clock()
+            idle = now - last
+            busy = backend.busy
             if idle < (max(self.spin, 0.0002) if busy else self.spin):
-                timeout: float | None = 0.0  # poll: the next command or completion is likely close
-            elif busy:
-                timeout = min(0.001, idle / 4)  # long device work: back off, up to 1 ms
+                # Busy-polling: the ring and the device on every pass, the socket (registration,
+                # prepares: a ring run waits for the one it follows) only every _SELECT_EVERY.
+                if rings is not None and rings.runs.ready():
+                    if not self._ring_runs():
+                        break
+                    last = clock()
+                if now >= next_select:
+                    next_select = now + _SELECT_EVERY
+                    if select.select([sfd], [], [], 0.0)[0]:
+                        if not self._recv():
+                            break
+                        last = clock()
             else:
-                timeout = None
-            rings = self.rings
-            sfd = self.sock.fileno()
-            if rings is None:
-                r, _, _ = select.select([sfd], [], [], timeout)
-            else:
-                if timeout != 0.0 and not rings.runs.prepare_sleep():
-                    timeout = 0.0  # a run arrived while announcing the sleep
-                r, _, _ = select.select([sfd, rings.wake_fd], [], [], timeout)
-                if timeout != 0.0:
+                timeout = min(0.001, idle / 4) if busy else None  # long device work: back off, up to 1 ms
+                if rings is None:
+                    r, _, _ = select.select([sfd], [], [], timeout)
+                else:
+                    if not rings.runs.prepare_sleep():
+                        timeout = 0.0  # a run arrived while announcing the sleep
+                    r, _, _ = select.select([sfd, rings.wake_fd], [], [], timeout)
                     rings.runs.end_sleep()
-                    drain(rings.wake_fd)
-            if sfd in r:
-                if not self._recv():
-                    break
-                last = time.perf_counter()
-            if rings is not None and (rings.runs.pending() or r):
-                if not self._ring_runs():
-                    break
-                last = time.perf_counter()
-            done = self.backend.poll()
-            if getattr(self.backend, "poisoned", False):
+                    if rings.wake_fd in r:
+                        drain(rings.wake_fd)
+                if sfd in r:
+                    if not self._recv():
+                        break
+                    last = clock()
+                if rings is not None and rings.runs.ready():
+                    if not self._ring_runs():
+                        break
+                    last = clock()
+            done = backend.poll()
+            if backend.poisoned:
                 # First the warning (nothing more goes to a dying worker), then the fault's replies.
                 self.send(WPoisoned("a sticky device fault: the context is unusable"))
                 self._complete(done)
                 return EXIT_POISONED
             if done:
                 self._complete(done)
-                last = time.perf_counter()
+                last = clock()
         return 0
 
 
@@ -296,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         rings = WorkerRings(args.ring_fd, RingGeometry(args.ring_slots, args.ring_slot_size), args.wake_fd,
                             args.notify_fd)
     try:
-        rc = Worker(sock, backend, args.spin_us / 1e6, rings).run()
+        from ..profiling import profiled
+
+        rc = profiled(f"worker-{args.device}", Worker(sock, backend, args.spin_us / 1e6, rings).run)
     except (BrokenPipeError, ConnectionResetError):
         rc = 0
     except RingCorrupt as exc:  # the broker is trusted: this is a bug; exiting makes it respawn us
