@@ -56,6 +56,7 @@ LIBRARY_FORMATS = ("cuda", "cubin", "ptx", "fatbin")
 MAX_LIBRARY_BYTES = 32 * 1024 * 1024
 _DEADLINE_GRACE = 0.5  # seconds past a graph's deadline before the broker kills its worker
 _SWEEP_EVERY = 0.1     # how often graphs on devices are checked against their deadlines
+_NO_TIMINGS = Timings()
 
 
 def _raise_unless_lost(outcomes: list[Any]) -> None:
@@ -761,17 +762,18 @@ class Engine:
             if r.released:
                 raise errors.UnknownResident(f"resident {r.digest[:16]!r} was released; prepare the graph again",
                                              detail={"resident": r.digest})
-        self.pool.check_fits(tenant, t.device_bytes + sum(r.nbytes for r in residents))
+        if t.device_bytes or residents:
+            self.pool.check_fits(tenant, t.device_bytes + sum(r.nbytes for r in residents))
         now = time.monotonic()
         if pol.priority == "latency":
             priority = LATENCY
         job = Job(next(self._ids), tenant, session, now, t.residents, priority, weight=pol.weight)
-        deadline = min((x for x in (timeout, pol.max_graph_seconds) if x > 0), default=0.0)
+        limit = pol.max_graph_seconds
+        deadline = (min(timeout, limit) if limit > 0 else timeout) if timeout > 0 else max(limit, 0.0)
         p = _Pending(job, prepared, slices, values, on_done, now, deadline, arena_recs, residents,
                      trace=[trace_from] if trace_from else None)
         prepared.inflight += 1
-        arenas_ = arena_recs
-        for a in arenas_:
+        for a in arena_recs:
             a.inflight += 1
             a.idle.clear()
         for r in residents:
@@ -896,6 +898,8 @@ class Engine:
         self._pump_due = False
         if not self._pending:
             self._idle.set()
+        if not self.dedicated and not self.scheduler.queued:
+            return
         for sched in self.schedulers:
             if not sched.queued:
                 continue
@@ -993,6 +997,9 @@ class Engine:
         p = self._pending.pop(job_id, None)
         now = time.monotonic()
         reply = outcome if isinstance(outcome, WReply) else None
+        if p is not None and reply is not None and not reply.code:
+            self._graph_succeeded(p, device, reply, now)
+            return
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
         self._sched_of(device).complete(job_id, now, device_time)
         self._running.pop(job_id, None)
@@ -1039,6 +1046,35 @@ class Engine:
                 if p.verdict == "culprit" or isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)):
                     self._strike(p, err)
                 p.on_done(err)
+        self._pump()
+        self._kick(now)
+
+    def _graph_succeeded(self, p: _Pending, device: str, reply: WReply, now: float) -> None:
+        """The common case, kept short: the tenant hears first, the books are kept after."""
+        t = reply.timings or _NO_TIMINGS
+        trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
+        p.on_done(GraphResult(device, Timings(p.dispatched - p.submitted, t.copy_in, t.kernels, t.copy_out,
+                                              now - p.submitted), trace))
+        job = p.job
+        self._sched_of(device).complete(job.id, now, t.kernels)
+        self._running.pop(job.id, None)
+        if p.admission is not None:
+            self.pool.release(p.admission)
+            p.admission = None
+        st = self.tenants.get(job.tenant)
+        if st is not None:
+            if p.in_sched:
+                st.in_sched -= 1
+                p.in_sched = False
+                if st.parked:
+                    self._unpark(st)
+            st.graphs += 1
+            st.device_seconds += t.kernels
+        self._release_uses(p)
+        self.stats["graphs"] += 1
+        tpl = p.prepared.template
+        self.metrics.tenant(job.tenant).graph_done(device, now - p.submitted, t.kernels, tpl.input_bytes,
+                                                   tpl.output_bytes)
         self._pump()
         self._kick(now)
 
