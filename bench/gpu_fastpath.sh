@@ -10,5 +10,5 @@ timeout 240 python3 -m bench.contention --device cuda --modes kaas,own-context,m
   --tenants "${TENANTS:-1,4,16,32,64}" --seconds "${SECONDS_PER_POINT:-1.5}" --warmup 0.5 --json --out "$OUT/contention.json" \
   > /dev/null 2> "$OUT/contention.err"; tail -4 "$OUT/contention.err"
 python3 -m bench.contention --from-json "$OUT/contention.json" > "$OUT/contention.txt" 2>&1; cat "$OUT/contention.txt"
-timeout 60 python3 -m tools.bench fairness --device cuda --seconds 10 --weights 1,2 --json > "$OUT/fair.json" 2>&1
+timeout 60 python3 -m tools.bench fairness --device cuda --seconds 10 --weights 1,2 --inflight 16 --json > "$OUT/fair.json" 2>&1
 grep -E '"(tenant|weight|target_share|share)"' "$OUT/fair.json" | tr -d ' \n'; echo

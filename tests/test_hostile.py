@@ -839,6 +839,6 @@ def test_arena_on_a_disk_filesystem_is_refused(tenant: RawTenant, healthy: Healt
 
 
 def _is_tmpfs(fd: int) -> bool:
-    from broker.engine import _SHM_FILESYSTEMS, _fs_type
+    from broker.registry import _SHM_FILESYSTEMS, _fs_type
 
     return _fs_type(fd) in _SHM_FILESYSTEMS
