@@ -93,7 +93,13 @@ class Config:
         us = getattr(self, key)
         if us < 0:
             gpu = any(d.startswith("cuda") for d in devices)
-            us = {"spin_us": 500, "worker_spin_us": 1000, "client_spin_us": 200}[key] if gpu else 0
+            if gpu:
+                us = {"spin_us": 500, "worker_spin_us": 1000, "client_spin_us": 1000}[key]
+            else:
+                # CPU devices: only the broker spins, and only with a core to spare for it. Then a
+                # request costs one wake-up (the tenant's) instead of two; workers and tenants sleep,
+                # so spinners never outnumber cores (two spinners on one core: 8 ms round trips).
+                us = 300 if key == "spin_us" and (os.cpu_count() or 1) >= 2 else 0
         return us / 1e6
 
 

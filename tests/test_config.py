@@ -93,3 +93,18 @@ def test_device_specs(spec: str, n: int, want: list[str]) -> None:
 def test_bad_device_specs(spec: str, n: int, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         parse_devices(spec, lambda: n)
+
+
+def test_auto_spin_never_lets_spinners_outnumber_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from broker.config import Config
+
+    cfg = Config()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cfg.spin("spin_us", ["cpu:0"]) == pytest.approx(300e-6)  # the broker alone spins
+    assert cfg.spin("worker_spin_us", ["cpu:0"]) == 0 and cfg.spin("client_spin_us", ["cpu:0"]) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert cfg.spin("spin_us", ["cpu:0"]) == 0
+    assert cfg.spin("client_spin_us", ["cuda:0"]) == pytest.approx(1e-3)
+    assert Config(spin_us=0).spin("spin_us", ["cuda:0"]) == 0

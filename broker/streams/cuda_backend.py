@@ -60,7 +60,7 @@ class CudaBackend(Backend):
 
     def __init__(self, index: int = 0, *, lanes: int = 8, high_lanes: int = 2, lane_slab: int = 4 * 2**20,
                  compile_cache: CompileCache | None = None, cuda_graphs: bool | str = "auto",
-                 graph_cache: int = 64, shape_cache: int = 1024) -> None:
+                 graph_cache: int = 1024, shape_cache: int = 1024) -> None:
         self.index = index
         # Graphs needing at most this many bytes of device memory use their lane's slab (at
         # most lanes * lane_slab bytes, allocated on first use) instead of the pool; 0: never.
