@@ -94,7 +94,7 @@ class Config:
         if us < 0:
             gpu = any(d.startswith("cuda") for d in devices)
             if gpu:
-                us = {"spin_us": 500, "worker_spin_us": 1000, "client_spin_us": 1000}[key]
+                us = {"spin_us": 500, "worker_spin_us": 1000, "client_spin_us": 200}[key]
             else:
                 # CPU devices: only the broker spins, and only with a core to spare for it. Then a
                 # request costs one wake-up (the tenant's) instead of two; workers and tenants sleep,

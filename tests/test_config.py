@@ -106,5 +106,5 @@ def test_auto_spin_never_lets_spinners_outnumber_cores(monkeypatch: pytest.Monke
     assert cfg.spin("worker_spin_us", ["cpu:0"]) == 0 and cfg.spin("client_spin_us", ["cpu:0"]) == 0
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert cfg.spin("spin_us", ["cpu:0"]) == 0
-    assert cfg.spin("client_spin_us", ["cuda:0"]) == pytest.approx(1e-3)
+    assert cfg.spin("client_spin_us", ["cuda:0"]) == pytest.approx(200e-6)
     assert Config(spin_us=0).spin("spin_us", ["cuda:0"]) == 0
