@@ -81,6 +81,16 @@ def prepared_null(raw: RawConnection, lib: str, req: int = 1) -> protocol.GraphP
     return msg
 
 
+def raw_arena(raw: RawConnection, size: int = 4096) -> protocol.ArenaRegistered:
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, size)
+    raw.send(protocol.RegisterArena(2, size), fd)
+    os.close(fd)
+    arena = raw.recv()
+    assert isinstance(arena, protocol.ArenaRegistered), arena
+    return arena
+
+
 def null_library(raw: RawConnection) -> str:
     k = kernels.KERNELS
     raw.send(protocol.RegisterLibrary(100, "cuda", kernels.SOURCE.encode(), k))
@@ -131,12 +141,7 @@ def test_bindings_are_checked_on_every_run(broker: BrokerProcess, slices: tuple[
     raw = RawConnection(broker.socket)
     try:
         lib = null_library(raw)
-        fd = os.memfd_create("t")
-        os.ftruncate(fd, 4096)
-        raw.send(protocol.RegisterArena(2, 4096), fd)
-        os.close(fd)
-        arena = raw.recv()
-        assert isinstance(arena, protocol.ArenaRegistered)
+        arena = raw_arena(raw)
         # one out buffer of 16 floats, written by vadd-free "null": the graph needs no kernel args
         spec = GraphSpec((BufferSpec("out", "float32", (16,), arena.arena, 0),),
                          (KernelNode(lib, "null", (1,), (1,), ()),))
@@ -159,12 +164,7 @@ def test_literal_values_are_type_and_range_checked(broker: BrokerProcess, value:
     raw = RawConnection(broker.socket)
     try:
         lib = null_library(raw)
-        fd = os.memfd_create("t")
-        os.ftruncate(fd, 4096)
-        raw.send(protocol.RegisterArena(2, 4096), fd)
-        os.close(fd)
-        arena = raw.recv()
-        assert isinstance(arena, protocol.ArenaRegistered)
+        arena = raw_arena(raw)
         spec = GraphSpec((BufferSpec("in", "float32", (16,), arena.arena), BufferSpec("inout", "float32", (16,),
                                                                                    arena.arena, 64)),
                          (KernelNode(lib, "axpy", (1,), (16,), (Lit("f32", 1.0), Buf(0), Buf(1), Lit("i32", 16))),))

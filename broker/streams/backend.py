@@ -118,12 +118,14 @@ class Backend(abc.ABC):
                             for k, a in zip(kernels, args, strict=True))
         self.submit(token, ExecGraph(tuple(bufs), kernels), deadline, priority)
 
+    # Prepared templates of the default implementation, created on first use (subclasses need not
+    # call an __init__ here): handle -> (template, its arena buffers, literal slots).
+    _prepared_templates: dict[int, tuple[ExecGraph, tuple[int, ...], tuple[tuple[int, int], ...]]] | None = None
+
     def _templates(self) -> dict[int, tuple[ExecGraph, tuple[int, ...], tuple[tuple[int, int], ...]]]:
-        t: dict[int, tuple[ExecGraph, tuple[int, ...], tuple[tuple[int, int], ...]]] | None = (
-            self.__dict__.get("_kaas_templates"))
-        if t is None:
-            t = self.__dict__["_kaas_templates"] = {}
-        return t
+        if self._prepared_templates is None:
+            self._prepared_templates = {}
+        return self._prepared_templates
 
     @abc.abstractmethod
     def poll(self) -> list[Completion]:

@@ -2,9 +2,13 @@
 
 The broker resolves a validated tenant graph into an ``ExecGraph``: global arena and
 resident ids, concrete sizes, kernels in execution order.  A worker never sees tenant
-ids, so it cannot confuse one tenant's handles with another's.
+ids, so it cannot confuse one tenant's handles with another's.  A graph reaches a worker
+once, as a template (``WPrepare``), before its first run there; runs (``WRun``) carry only
+bindings and travel as ring records (``broker.records``) or, when the ring is full, as
+frames.  A ring run names the last socket command it must follow (its ``barrier``).
 
-Every command carries ``seq`` and is answered by exactly one ``WReply`` with that seq.
+Every command carries ``seq`` and is answered by exactly one ``WReply`` with that seq
+(a successful run: a completion record on the worker's ring, or a ``WReply``).
 File descriptors (arena segments, resident host copies) ride on the frame of the
 command that consumes them (SCM_RIGHTS), one fd per ``WPinArena`` / ``WPutResident``.
 """
@@ -81,14 +85,6 @@ class WEvictResident(_W, tag="evict", frozen=True):
     resident: int
 
 
-class WRunGraph(_W, tag="run", frozen=True):
-    seq: int
-    graph: ExecGraph
-    deadline: float = 0.0  # seconds of device time allowed; 0: none
-    priority: int = 0
-    trace: bool = False
-
-
 class WPrepare(_W, tag="prepare", frozen=True):
     """Keep ``graph`` (a template: arena buffers unbound) as prepared graph ``handle``.
 
@@ -127,7 +123,7 @@ class WShutdown(_W, tag="shutdown", frozen=True):
 
 
 WorkerCommand = Union[
-    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WRunGraph, WPrepare, WRelease,
+    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WPrepare, WRelease,
     WRun, WInfo, WShutdown,
 ]
 

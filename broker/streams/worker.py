@@ -40,7 +40,6 @@ from .wire import (
     WRelease,
     WReply,
     WRun,
-    WRunGraph,
     WShutdown,
     WUnpinArena,
     command_decoder,
@@ -184,12 +183,6 @@ class Worker:
                 self.vstructs.pop(cmd.handle, None)
                 self.backend.release(cmd.handle)
                 self.send(WReply(cmd.seq))
-                return
-            if isinstance(cmd, WRunGraph):
-                t = time.perf_counter() if cmd.trace else 0.0
-                self.backend.submit(cmd.seq, cmd.graph, cmd.deadline, cmd.priority)
-                if cmd.trace:
-                    self.traced[cmd.seq] = [t, time.perf_counter()]
                 return
             info: dict[str, Any] = {}
             if isinstance(cmd, WLoadLibrary):
