@@ -95,6 +95,7 @@ class SessionRings:
         self.wake_broker = make_eventfd()
         self.wake_tenant = make_eventfd()
         self.open = True
+        self.broken = False  # a corrupt ring: nothing more is read from it (the session is closing)
         self.runs.prepare_sleep()  # asleep until the tenant's first record (it writes the eventfd)
         loop.add_reader(self.wake_broker, self._on_wake)
         hub.members.add(self)
@@ -113,15 +114,19 @@ class SessionRings:
         self.hub.woken(self)
 
     def ready(self) -> bool:
-        return self.open and self.runs.ready()
+        return self.open and not self.broken and self.runs.ready()
+
+    def _corrupt(self, exc: RingCorrupt) -> None:
+        self.broken = True
+        self._on_corrupt(exc)
 
     def poll(self, limit: int) -> int:
-        if not self.open:
+        if not self.open or self.broken:
             return 0
         try:
             records = self.runs.pop_many(limit)
         except RingCorrupt as exc:
-            self._on_corrupt(exc)
+            self._corrupt(exc)
             return 0
         for rec in records:
             if not self.open:
@@ -130,17 +135,19 @@ class SessionRings:
         return len(records)
 
     def sleep(self) -> bool:
-        if not self.open:
+        if not self.open or self.broken:
             return True
         try:
             return self.runs.prepare_sleep()
         except RingCorrupt as exc:
-            self._on_corrupt(exc)
+            self._corrupt(exc)
             return True
 
     def post(self, record: bytes) -> bool:
         """Publish a completion; False when the ring is full (the caller sends a frame instead)."""
         if not self.open:
+            return False
+        if self.broken:
             return False
         try:
             if not self.completions.push(record):
@@ -148,7 +155,7 @@ class SessionRings:
             if self.completions.consumer_sleeping():
                 wake(self.wake_tenant)
         except RingCorrupt as exc:
-            self._on_corrupt(exc)
+            self._corrupt(exc)
             return False
         return True
 

@@ -88,6 +88,10 @@ class WorkerHandle:
                    "--wake-fd", str(self._wake_worker), "--notify-fd", str(self._wake_broker)]
             self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), seg, self._wake_worker, self._wake_broker],
                                          stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            self._close_rings()
+            raise
         finally:
             theirs.close()
             os.close(seg)
@@ -175,6 +179,7 @@ class WorkerHandle:
         try:
             records = c.pop_many(limit)
         except RingCorrupt as exc:
+            c.close()  # its views go before the mapping does
             self._completions = None
             self.kill(f"its completion ring is corrupt: {exc}")
             return 0
