@@ -322,52 +322,42 @@ class Dispatch(EngineBase):
         if p is not None and reply is not None and not reply.code:
             self._graph_succeeded(p, device, reply, now)
             return
+        # A failure (or a reply for a graph no longer pending): replay it, or tell the tenant why.
         device_time = reply.timings.kernels if reply is not None and reply.timings is not None else 0.0
         self._sched_of(device).complete(job_id, now, device_time)
         self._running.pop(job_id, None)
-        if p is not None and p.admission is not None:
+        if p is None:
+            self._pump()
+            self._kick(now)
+            return
+        if p.admission is not None:
             self.pool.release(p.admission)
             p.admission = None
-        if p is not None and (reply is None or reply.code) and self._replay(p, reply, now):
+        if self._replay(p, reply, now):
             self._pump()
             return
-        st = self.tenants.get(p.job.tenant) if p is not None else None
-        if p is not None:
-            if st is not None and p.in_sched:
-                st.in_sched -= 1
-                p.in_sched = False
-                self._unpark(st)
-            self._release_uses(p)
-            tm = self.metrics.tenant(p.job.tenant)
-            if reply is not None and not reply.code:
-                t = reply.timings or Timings()
-                self.stats["graphs"] += 1
-                if st is not None:
-                    st.graphs += 1
-                    st.device_seconds += t.kernels
-                tm.graph_done(device, now - p.submitted, t.kernels, p.prepared.template.input_bytes,
-                              p.prepared.template.output_bytes)
-                trace = (*p.trace, *reply.trace, time.perf_counter()) if p.trace and reply.trace else ()
-                p.on_done(GraphResult(device, Timings(
-                    queued=p.dispatched - p.submitted, copy_in=t.copy_in, kernels=t.kernels,
-                    copy_out=t.copy_out, total=now - p.submitted), trace))
-            else:
-                self.stats["graph_errors"] += 1
-                tm.charge(device, device_time)
-                err = (errors.from_wire(reply.code, reply.message, reply.detail) if reply is not None
-                       else outcome if isinstance(outcome, errors.KaasError)
-                       else errors.InternalError("graph ended without a result"))
-                if p.verdict == "culprit" and p.culprit is not None:
-                    err = p.culprit
-                if isinstance(err, errors.DeadlineExceeded):
-                    self.stats["deadline_kills"] += 1  # by the broker's timer or the worker's own check
-                kernel = err.detail.get("kernel")
-                if isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)) and kernel \
-                        and str(kernel) not in err.message:
-                    err = type(err)(f"kernel {kernel!r}: {err.message}", detail=err.detail)
-                if p.verdict == "culprit" or isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)):
-                    self._strike(p, err)
-                p.on_done(err)
+        st = self.tenants.get(p.job.tenant)
+        if st is not None and p.in_sched:
+            st.in_sched -= 1
+            p.in_sched = False
+            self._unpark(st)
+        self._release_uses(p)
+        self.stats["graph_errors"] += 1
+        self.metrics.tenant(p.job.tenant).charge(device, device_time)
+        err = (errors.from_wire(reply.code, reply.message, reply.detail) if reply is not None
+               else outcome if isinstance(outcome, errors.KaasError)
+               else errors.InternalError("graph ended without a result"))
+        if p.verdict == "culprit" and p.culprit is not None:
+            err = p.culprit
+        if isinstance(err, errors.DeadlineExceeded):
+            self.stats["deadline_kills"] += 1  # by the broker's timer or the worker's own check
+        kernel = err.detail.get("kernel")
+        if isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)) and kernel \
+                and str(kernel) not in err.message:
+            err = type(err)(f"kernel {kernel!r}: {err.message}", detail=err.detail)
+        if p.verdict == "culprit" or isinstance(err, (errors.KernelFault, errors.DeadlineExceeded)):
+            self._strike(p, err)
+        p.on_done(err)
         self._pump()
         self._kick(now)
 

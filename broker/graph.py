@@ -21,7 +21,7 @@ import numpy as np
 
 from . import errors
 from .protocol import DTYPES, SCALAR_TYPES, Buf, GraphSpec, KernelSpec, Lit
-from .streams.wire import ExecBuffer, ExecGraph, ExecKernel
+from .streams.wire import ExecBuffer, ExecGraph, ExecKernel, bind_graph
 
 _RANGES: dict[str, tuple[int, int]] = {
     "i32": (-(2**31), 2**31 - 1), "i64": (-(2**63), 2**63 - 1),
@@ -296,20 +296,8 @@ def spec_bindings(spec: GraphSpec) -> tuple[tuple[int, ...], tuple[int | float, 
 
 def instantiate(t: Template, slices: Sequence[int], values: Sequence[int | float]) -> ExecGraph:
     """The ExecGraph of one run (for backends without prepared graphs, and tests)."""
-    bufs = list(t.graph.buffers)
-    for j, (i, _, _) in enumerate(t.arena_buffers):
-        b = bufs[i]
-        bufs[i] = ExecBuffer(b.kind, b.dtype, b.shape, b.nbytes, slices[2 * j], slices[2 * j + 1])
-    kernels = list(t.graph.kernels)
-    if values != t.literal_values:
-        args = [list(k.args) for k in kernels]
-        for (pos, ai), v in zip(t.literal_slots, values, strict=True):
-            old = args[pos][ai]
-            assert isinstance(old, Lit)
-            args[pos][ai] = Lit(old.dtype, v)
-        kernels = [ExecKernel(k.library, k.kernel, k.grid, k.block, k.shared, tuple(a))
-                   for k, a in zip(kernels, args, strict=True)]
-    return ExecGraph(tuple(bufs), tuple(kernels))
+    return bind_graph(t.graph, [i for i, _, _ in t.arena_buffers], t.literal_slots, slices,
+                      () if values == t.literal_values else values)
 
 
 def resolve(spec: GraphSpec, *, arenas: Mapping[int, ArenaRef], residents: Mapping[str, ResidentRef],

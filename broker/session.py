@@ -119,8 +119,12 @@ class Session:
             if isinstance(msg, RegisterArena):
                 self._drop_fd()
             return
+        self._answering(req, self._dispatch, req, msg)
+
+    def _answering(self, req: int, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` for request ``req``: whatever it raises becomes the request's one reply."""
         try:
-            self._dispatch(req, msg)
+            fn(*args)
         except errors.KaasError as exc:
             self._finish_error(req, exc)
         except Exception as exc:
@@ -169,18 +173,13 @@ class Session:
         if not self._admit(req):
             return
         self.engine.stats["ring_runs"] += 1
-        try:
-            prepared = self.prepared.get(handle)
-            if prepared is None:
-                raise errors.UnknownGraph(f"graph {handle} is not prepared in this session",
-                                          detail={"handle": handle})
+
+        def run() -> None:
+            prepared = self._held(handle)
             values = decode_values(rec, at, nvalues, prepared.vstruct)
             self._submit(req, prepared, slices, values, timeout, bool(flags & TRACE), ring=True)
-        except errors.KaasError as exc:
-            self._finish_error(req, exc)
-        except Exception as exc:
-            self.log.exception("request_failed", req=req)
-            self._finish_error(req, errors.InternalError(f"broker error: {type(exc).__name__}"))
+
+        self._answering(req, run)
 
     def _ring_corrupt(self, exc: errors.KaasError) -> None:
         self.log.warning("ring_corrupt", error=str(exc))
@@ -231,11 +230,8 @@ class Session:
         elif isinstance(msg, OpenRings):
             self._open_rings(req)
         elif isinstance(msg, ReleaseGraph):
-            held = self.prepared.pop(msg.handle, None)
-            if held is None:
-                raise errors.UnknownGraph(f"graph {msg.handle} is not prepared in this session",
-                                          detail={"handle": msg.handle})
-            self.engine.release_prepared(held)
+            self.engine.release_prepared(self._held(msg.handle))
+            del self.prepared[msg.handle]
             self._finish(req, Done(req))
         elif isinstance(msg, RegisterArena):
             if not self.fds:
@@ -304,12 +300,14 @@ class Session:
         t = rec.template
         self._finish(req, GraphPrepared(req, handle, 2 * len(t.arena_buffers), t.literal_kinds))
 
-    def _run_prepared(self, req: int, msg: RunPrepared) -> None:
-        rec = self.prepared.get(msg.handle)
+    def _held(self, handle: int) -> PreparedRecord:
+        rec = self.prepared.get(handle)
         if rec is None:
-            raise errors.UnknownGraph(f"graph {msg.handle} is not prepared in this session",
-                                      detail={"handle": msg.handle})
-        self._submit(req, rec, msg.slices, msg.values, msg.timeout, msg.trace)
+            raise errors.UnknownGraph(f"graph {handle} is not prepared in this session", detail={"handle": handle})
+        return rec
+
+    def _run_prepared(self, req: int, msg: RunPrepared) -> None:
+        self._submit(req, self._held(msg.handle), msg.slices, msg.values, msg.timeout, msg.trace)
 
     def _run(self, req: int, msg: RunGraph) -> None:
         assert self.state is not None

@@ -32,7 +32,6 @@ from broker.protocol import (
     ReleaseArena,
     ReleaseGraph,
     ResidentRegistered,
-    RunGraph,
     RunPrepared,
     Timings,
     Welcome,
@@ -231,11 +230,14 @@ class ClientCore:
             out.append(msg)
         return out
 
-    def run_prepared_msg(self, graph: Graph, handle: int, timeout: float | None, trace: bool = False) -> RunPrepared:
+    def _bindings(self, graph: Graph, timeout: float | None) -> tuple[tuple[int, ...], tuple[int | float, ...], float]:
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
         slices, values = graph.bindings(self.locate, (id(self), self._arena_gen))
-        return RunPrepared(self.next_req(), handle, slices, values, float(timeout or 0.0), trace)
+        return slices, values, float(timeout or 0.0)
+
+    def run_prepared_msg(self, graph: Graph, handle: int, timeout: float | None, trace: bool = False) -> RunPrepared:
+        return RunPrepared(self.next_req(), handle, *self._bindings(graph, timeout), trace)
 
     def run_record(self, graph: Graph, handle: int, timeout: float | None, trace: bool,
                    max_payload: int) -> tuple[int, bytes] | None:
@@ -243,16 +245,9 @@ class ClientCore:
         st = self._run_structs.get(handle)
         if st is None or st.size > max_payload:
             return None
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
-        slices, values = graph.bindings(self.locate, (id(self), self._arena_gen))
+        slices, values, limit = self._bindings(graph, timeout)
         req = self.next_req()
-        return req, encode_run(st, req, handle, slices, values, float(timeout or 0.0), trace=trace)
-
-    def run_msg(self, graph: Graph, timeout: float | None, trace: bool = False) -> RunGraph:
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise errors.InvalidArgument(f"timeout must be a finite number of seconds > 0, got {timeout}")
-        return RunGraph(self.next_req(), graph.spec(self.locate), float(timeout or 0.0), trace)
+        return req, encode_run(st, req, handle, slices, values, limit, trace=trace)
 
     @staticmethod
     def run_result(reply: BrokerMessage, sent: float, received: float) -> RunResult:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InternalError, KaasError
-from ..protocol import KernelSpec, Lit, Timings
-from .wire import ExecBuffer, ExecGraph, ExecKernel
+from ..protocol import KernelSpec, Timings
+from .wire import ExecGraph, bind_graph
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,19 +104,7 @@ class Backend(abc.ABC):
         graph, arena_buffers, literals = entry
         if len(slices) != 2 * len(arena_buffers) or len(values) != len(literals):
             raise InternalError(f"prepared graph {handle}: the bindings do not match its buffers and literals")
-        bufs = list(graph.buffers)
-        for j, i in enumerate(arena_buffers):
-            b = bufs[i]
-            bufs[i] = ExecBuffer(b.kind, b.dtype, b.shape, b.nbytes, int(slices[2 * j]), int(slices[2 * j + 1]))
-        kernels = graph.kernels
-        if values:
-            args = [list(k.args) for k in kernels]
-            for (pos, ai), v in zip(literals, values, strict=True):
-                old = args[pos][ai]
-                args[pos][ai] = Lit(old.dtype if isinstance(old, Lit) else "f64", v)
-            kernels = tuple(ExecKernel(k.library, k.kernel, k.grid, k.block, k.shared, tuple(a))
-                            for k, a in zip(kernels, args, strict=True))
-        self.submit(token, ExecGraph(tuple(bufs), kernels), deadline, priority)
+        self.submit(token, bind_graph(graph, arena_buffers, literals, slices, values), deadline, priority)
 
     # Prepared templates of the default implementation, created on first use (subclasses need not
     # call an __init__ here): handle -> (template, its arena buffers, literal slots).

@@ -15,11 +15,12 @@ command that consumes them (SCM_RIGHTS), one fd per ``WPinArena`` / ``WPutReside
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Union
 
 import msgspec
 
-from ..protocol import Arg, KernelSpec, Timings
+from ..protocol import Arg, KernelSpec, Lit, Timings
 
 
 class ExecBuffer(msgspec.Struct, array_like=True, frozen=True):
@@ -48,6 +49,25 @@ class ExecGraph(msgspec.Struct, array_like=True, frozen=True):
 
     buffers: tuple[ExecBuffer, ...]
     kernels: tuple[ExecKernel, ...]
+
+
+def bind_graph(graph: ExecGraph, arena_buffers: Sequence[int], literals: Sequence[tuple[int, int]],
+               slices: Sequence[int], values: Sequence[int | float]) -> ExecGraph:
+    """The ExecGraph of one run of a template: ``slices`` (arena, offset) for the buffers at
+    ``arena_buffers``, ``values`` for the literal arguments at ``literals`` (kernel, argument)."""
+    bufs = list(graph.buffers)
+    for j, i in enumerate(arena_buffers):
+        b = bufs[i]
+        bufs[i] = ExecBuffer(b.kind, b.dtype, b.shape, b.nbytes, int(slices[2 * j]), int(slices[2 * j + 1]))
+    kernels = graph.kernels
+    if values:
+        args = [list(k.args) for k in kernels]
+        for (pos, ai), v in zip(literals, values, strict=True):
+            old = args[pos][ai]
+            args[pos][ai] = Lit(old.dtype if isinstance(old, Lit) else "f64", v)
+        kernels = tuple(ExecKernel(k.library, k.kernel, k.grid, k.block, k.shared, tuple(a))
+                        for k, a in zip(kernels, args, strict=True))
+    return ExecGraph(tuple(bufs), kernels)
 
 
 class _W(msgspec.Struct, array_like=True, tag=True, frozen=True):
