@@ -170,6 +170,11 @@ class Engine(Registry, Dispatch, Supervision):
         """Device memory one graph may use: what the smallest device hands out."""
         return min((self.pool.capacity(d) for d in self.devices), default=1 << 40)
 
+    def device_archs(self) -> tuple[str, ...]:
+        """Per device, the CUDA architecture its worker reported ('' for the CPU device)."""
+        archs = (str(self.workers[d].info.get("arch", "")) if d in self.workers else "" for d in self.devices)
+        return tuple(a if a.startswith("sm_") else "" for a in archs)
+
     def device_info(self) -> list[dict[str, Any]]:
         return [dict(w.info, device=d, alive=w.alive, pid=w.pid, running=len(self._sched_of(d).running.get(d, ())),
                      tenant=w.tenant or None) for d, w in self.workers.items()]

@@ -165,6 +165,18 @@ class HostImplementationError(TenantError):
     code = "host_implementation_error"
 
 
+class SignatureMismatch(TenantError):
+    """A kernel's declared signature disagrees with its source or its compiled binary."""
+
+    code = "signature_mismatch"
+
+
+class UnsupportedFeature(TenantError):
+    """A kernel needs something kaas cannot give it yet (a launch feature, a parameter type)."""
+
+    code = "unsupported_feature"
+
+
 # -- quotas and flow control --------------------------------------------------------------
 class QuotaError(KaasError):
     code = "quota_error"
@@ -250,4 +262,4 @@ class PermissionDenied(TenantError):
     code = "permission_denied"
 
 
-__all__ += ["PermissionDenied", "Quarantined"]
+__all__ += ["PermissionDenied", "Quarantined", "SignatureMismatch", "UnsupportedFeature"]

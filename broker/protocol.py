@@ -266,6 +266,7 @@ class Welcome(_Base, tag="welcome", frozen=True):
     max_frame: int
     devices: tuple[str, ...]
     spin_us: int = 0  # how long the broker suggests a client busy-polls for a reply
+    archs: tuple[str, ...] = ()  # per device: the sm_XY it runs CUBINs of ('' for the CPU device)
 
 
 class ArenaRegistered(_Base, tag="arena_ok", frozen=True):

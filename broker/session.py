@@ -218,7 +218,8 @@ class Session:
         self.log = self.log.bind(tenant=tenant.name)
         self.log.info("session_open", client=msg.client)
         self._send(encode(Welcome(PROTOCOL_VERSION, self.id, tenant.name, self.engine.config.max_frame,
-                                  tuple(self.engine.devices), round(self.engine.client_spin * 1e6))))
+                                  tuple(self.engine.devices), round(self.engine.client_spin * 1e6),
+                                  self.engine.device_archs())))
 
     def _dispatch(self, req: int, msg: TenantMessage) -> None:
         if isinstance(msg, RunPrepared):

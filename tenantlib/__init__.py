@@ -20,9 +20,9 @@ from ._core import RunResult
 from .aio import AsyncClient, connect_async
 from .arena import Arena
 from .client import Client, PendingRun, connect
-from .graph import BufferRef, Graph, Library, Resident
+from .graph import BufferRef, Graph, Kernel, Library, Resident
 
 __all__ = [
     "connect", "connect_async", "Client", "AsyncClient", "PendingRun", "Arena", "Graph", "BufferRef",
-    "Library", "Resident", "RunResult", "Timings", "KernelSpec", "Param", "errors",
+    "Kernel", "Library", "Resident", "RunResult", "Timings", "KernelSpec", "Param", "errors",
 ]

@@ -8,7 +8,7 @@ import math
 import os
 import struct
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from broker.protocol import (
     GraphDone,
     GraphPrepared,
     Hello,
-    KernelSpec,
     LibraryRegistered,
     PrepareGraph,
     PutResident,
@@ -43,6 +42,7 @@ from broker.records import encode_run, run_struct
 from . import errors
 from .arena import Arena
 from .graph import Graph, Library, Resident
+from .kernel_specs import AccessArg, KernelsArg, resolve_kernels
 
 DEFAULT_SOCKET = "/run/kaas/broker.sock"
 REPLY_GRACE = 5.0  # seconds a client waits past a graph's timeout for the broker's own verdict
@@ -111,6 +111,8 @@ class ClientCore:
         self.session = welcome.session
         self.tenant = welcome.tenant
         self.devices = welcome.devices
+        # The architecture front ends compile for: the broker's first GPU's (any, when it has none).
+        self.arch = next((a for a in welcome.archs if a), "")
         self.max_frame = welcome.max_frame
         self._req = 0
         self._arenas: list[Arena] = []
@@ -163,10 +165,12 @@ class ClientCore:
         return ReleaseArena(self.next_req(), arena.id)
 
     # -- libraries and residents -------------------------------------------------------------
-    def library_msg(self, code: str | bytes, kernels: Sequence[KernelSpec], fmt: str | None, name: str,
-                    options: Sequence[str]) -> RegisterLibrary:
+    def library_msg(self, code: str | bytes, kernels: KernelsArg, fmt: str | None, name: str,
+                    options: Sequence[str], access: AccessArg = None,
+                    hosts: Mapping[str, str] | None = None) -> RegisterLibrary:
         fmt, data = detect_format(code, fmt)
-        return RegisterLibrary(self.next_req(), fmt, data, tuple(kernels), name, tuple(options))
+        specs = resolve_kernels(fmt, data, kernels, access=access, hosts=hosts, arch=self.arch, options=options)
+        return RegisterLibrary(self.next_req(), fmt, data, specs, name, tuple(options))
 
     @staticmethod
     def library_result(msg: RegisterLibrary, reply: BrokerMessage) -> Library:

@@ -10,7 +10,7 @@ import array
 import asyncio
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from broker.protocol import (
     BrokerMessage,
     FrameDecoder,
-    KernelSpec,
     Ping,
     ReleaseResident,
     Status,
@@ -32,6 +31,7 @@ from . import errors
 from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
+from .kernel_specs import AccessArg, KernelsArg
 
 
 class AsyncClient(ClientCore):
@@ -181,9 +181,11 @@ class AsyncClient(ClientCore):
         arena.closed = True
         raise_if_error(await self._request(self.release_arena_msg(arena)))
 
-    async def library(self, code: str | bytes, *, kernels: Sequence[KernelSpec], format: str | None = None,
-                      name: str = "", options: Sequence[str] = ()) -> Library:
-        msg = self.library_msg(code, kernels, format, name, options)
+    async def library(self, code: str | bytes, *, kernels: KernelsArg = None, format: str | None = None,
+                      name: str = "", options: Sequence[str] = (), access: AccessArg = None,
+                      hosts: Mapping[str, str] | None = None) -> Library:
+        """See ``Client.library``."""
+        msg = await asyncio.to_thread(self.library_msg, code, kernels, format, name, options, access, hosts)
         return self.library_result(msg, await self._request(msg))
 
     async def resident(self, arr: np.ndarray) -> Resident:

@@ -12,7 +12,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ from broker.protocol import (
     BrokerMessage,
     Error,
     FrameDecoder,
-    KernelSpec,
     OpenRings,
     Ping,
     ReleaseResident,
@@ -38,6 +37,7 @@ from . import errors
 from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
+from .kernel_specs import AccessArg, KernelsArg
 from .rings import ClientRings
 
 _RING = b"\0ring"  # what _recv returns when completions wait on the ring (never socket bytes)
@@ -210,10 +210,18 @@ class Client(ClientCore):
             raise_if_error(self._request(self.release_arena_msg(arena)))
 
     # -- libraries and residents -------------------------------------------------------------
-    def library(self, code: str | bytes, *, kernels: Sequence[KernelSpec], format: str | None = None,
-                name: str = "", options: Sequence[str] = ()) -> Library:
-        """Register CUDA C source (str), CUBIN, PTX or fatbin with its kernels' signatures."""
-        msg = self.library_msg(code, kernels, format, name, options)
+    def library(self, code: str | bytes, *, kernels: KernelsArg = None, format: str | None = None,
+                name: str = "", options: Sequence[str] = (), access: AccessArg = None,
+                hosts: Mapping[str, str] | None = None) -> Library:
+        """Register CUDA C source (str), CUBIN, PTX or fatbin.
+
+        Without ``kernels=``, CUDA C's signatures are read from the source by NVRTC, here
+        (``tenantlib.kernel_specs``): ``access={"vadd": {"c": "out"}}`` narrows a read-write
+        pointer, ``hosts={"vadd": "module:function"}`` names host implementations for the CPU
+        device.  ``kernels=`` takes ``KernelSpec``s, or each kernel's C parameter list (for a
+        binary).  The broker checks every signature against the source and the binary.
+        """
+        msg = self.library_msg(code, kernels, format, name, options, access, hosts)
         return self.library_result(msg, self._request(msg))
 
     def resident(self, arr: np.ndarray) -> Resident:

@@ -40,6 +40,39 @@ class Library:
             raise errors.UnknownKernel(f"library {self.name or self.digest[:12]} has no kernel {name!r} "
                                        f"(it has: {', '.join(sorted(self.kernels))})") from None
 
+    def kernel(self, name: str) -> Kernel:
+        """Kernel ``name``, for ``Graph.launch``; ``lib.vadd`` is the same."""
+        return Kernel(self, self[name])
+
+    def __getattr__(self, name: str) -> Kernel:
+        if name.startswith("__") or name not in self.__dict__.get("kernels", {}):
+            raise AttributeError(f"library {self.__dict__.get('name') or self.__dict__.get('digest', '')[:12]!s} "
+                                 f"has no kernel or attribute {name!r}")
+        return Kernel(self, self.kernels[name])
+
+
+_DTYPE_OF = {"i32": "int32", "u32": "uint32", "i64": "int64", "u64": "uint64", "f32": "float32", "f64": "float64"}
+_RANGE = {"i32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1), "i64": (-(1 << 63), (1 << 63) - 1),
+          "u64": (0, (1 << 64) - 1)}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel of a registered library, as ``Graph.launch`` takes it."""
+
+    library: Library = field(repr=False)
+    spec: KernelSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def signature(self) -> str:
+        """The parameters as C reads them, e.g. ``vadd(in float32* a, out float32* c, i32 n)``."""
+        parts = [f"{p.access} {p.dtype or 'void'}* {p.name}" if p.kind == "buf" else f"{p.kind} {p.name}"
+                 for p in self.spec.params]
+        return f"{self.spec.name}({', '.join(parts)})"
+
 
 @dataclass(frozen=True)
 class Resident:
@@ -180,6 +213,51 @@ class Graph:
         self.version += 1
         return idx
 
+    def launch(self, kernel: Kernel, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
+               shared: int = 0, after: Sequence[int] = ()) -> int:
+        """Append a launch of ``kernel`` with positional arguments, as CuPy's ``kernel(grid, block, args)``.
+
+        A buffer argument is a buffer of this graph, or a numpy array in an arena, which becomes
+        an input, output or inout buffer by the parameter's access mode; its dtype must be the
+        one the parameter points to.  A number is converted to the parameter's exact type: an
+        int must fit it, a float is refused for an integer parameter, and a numpy scalar must
+        already have that type (nothing is widened or narrowed silently).  Returns the kernel's
+        index (for ``after=``).
+        """
+        if not isinstance(kernel, Kernel):
+            raise errors.ArgumentError(f"launch takes a kernel (library.kernel(name) or library.NAME), "
+                                       f"got {type(kernel).__name__}")
+        sig = kernel.spec
+        if len(args) != len(sig.params):
+            raise errors.ArgumentError(f"{kernel.signature()} takes {len(sig.params)} argument(s), got {len(args)}")
+        wire: list[Any] = []
+        for i, (p, a) in enumerate(zip(sig.params, args, strict=True)):
+            where = f"argument {i} ({p.name!r}) of {kernel.signature()}"
+            if p.kind == "buf":
+                ref = self._launch_buffer(where, p.access, a)
+                if p.dtype and ref.dtype != p.dtype:
+                    raise errors.DtypeMismatch(f"{where} points to {p.dtype}, got a {ref.dtype} buffer")
+                wire.append(ref)
+            else:
+                wire.append(_exact(where, p.kind, a))
+        return self.kernel(kernel.library, sig.name, grid=grid, block=block, args=wire, shared=shared, after=after)
+
+    def _launch_buffer(self, where: str, access: str, a: Any) -> BufferRef:
+        if isinstance(a, BufferRef):
+            if a.graph is not self:
+                raise errors.ArgumentError(f"{where} is a buffer of another graph")
+            return a
+        if isinstance(a, np.ndarray):
+            kind = {"in": "in", "out": "out"}.get(access, "inout")
+            addr = int(a.__array_interface__["data"][0])
+            other = next((k for (at, n, k) in self._refs if at == addr and n == a.nbytes and k != kind), None)
+            if other is not None:
+                raise errors.ArgumentError(f"{where}: this array is already a {other} buffer of the graph; "
+                                           "pass the same buffer (g.inout(array)) to every kernel that uses it")
+            return self._arena_buffer(kind, a)
+        raise errors.ArgumentError(f"{where} must be a buffer of this graph or a numpy array, "
+                                   f"got {type(a).__name__}")
+
     def set_literal(self, kernel: int, arg: int | str, value: Any) -> None:
         """Change a literal argument of kernel ``kernel`` (by position or parameter name).
 
@@ -256,6 +334,32 @@ def _dims(v: int | Sequence[int]) -> tuple[int, ...]:
     if isinstance(v, Sequence):
         return tuple(int(x) for x in v)
     return (int(v),)
+
+
+def _exact(where: str, kind: str, value: Any) -> int | float:
+    """``value`` as parameter type ``kind``, refusing any conversion that is not exact (see Graph.launch)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise errors.ArgumentError(f"{where} is {kind}; got a bool")
+    if isinstance(value, np.generic):
+        if value.dtype.name != _DTYPE_OF[kind]:
+            raise errors.ArgumentError(f"{where} is {kind} ({_DTYPE_OF[kind]}); got a numpy {value.dtype.name}: "
+                                       "convert it explicitly")
+        return value.item()  # type: ignore[no-any-return]
+    if kind in _RANGE:
+        if not isinstance(value, numbers.Integral):
+            raise errors.ArgumentError(f"{where} is {kind}; got {type(value).__name__} {value!r}")
+        lo, hi = _RANGE[kind]
+        if not lo <= int(value) <= hi:
+            raise errors.ArgumentError(f"{where} is {kind}; {value} is outside {lo}..{hi}")
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        exact = float(np.float32(value)) if kind == "f32" else float(value)
+        if exact != value:
+            raise errors.ArgumentError(f"{where} is {kind}; the int {value} is not exactly a {kind}")
+        return exact
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise errors.ArgumentError(f"{where} is {kind}; got {type(value).__name__}")
 
 
 def _scalar(kernel: str, param: str, kind: str, value: Any) -> int | float:

@@ -54,7 +54,7 @@ def test_crashing_host_kernel_fails_its_graph_and_the_device_comes_back(broker_f
     with tenantlib.connect(b.socket) as victim, tenantlib.connect(b.socket) as other:
         with pytest.raises(errors.HostImplementationError, match="not allowed"):  # not by default
             with tenantlib.connect(broker_factory().socket) as c:
-                c.library(kernels.SOURCE, kernels=[testing.CRASH])
+                c.library(kernels.SOURCE + '\nextern "C" __global__ void crash() {}\n', kernels=[testing.CRASH])
         bad = victim.library(kernels.SOURCE + '\nextern "C" __global__ void crash() {}\n', kernels=[testing.CRASH])
         g = victim.graph()
         g.kernel(bad, "crash", grid=1, block=1, args=[])

@@ -103,6 +103,43 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def lowered_names(source: bytes, expressions: list[str], arch: str, options: tuple[str, ...] = ()) -> list[str]:
+    """What NVRTC lowers each name expression of ``source`` to (``nvrtcGetLoweredName``).
+
+    Compiles ``source`` once without keeping the code: ``signatures`` reads kernel parameter
+    types from the mangled names of probe templates.
+    """
+    if not _ARCH.match(arch):
+        raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
+    options = check_options(options)
+    nvrtc = _nvrtc()
+    err, prog = nvrtc.nvrtcCreateProgram(source, b"signatures.cu", 0, [], [])
+    _check(err, "nvrtcCreateProgram")
+    try:
+        for expr in expressions:
+            (err,) = nvrtc.nvrtcAddNameExpression(prog, expr.encode())
+            _check(err, "nvrtcAddNameExpression")
+        opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options)]
+        (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        if cerr != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+            _check(err, "nvrtcGetProgramLogSize")
+            log_buf = bytearray(log_size)  # fresh and mutable: see compile_cuda
+            (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
+            _check(err, "nvrtcGetProgramLog")
+            log = bytes(log_buf).rstrip(b"\x00 ").decode(errors="replace")
+            raise CompileError(f"NVRTC could not read the kernels' parameter types for {arch}:\n{log}",
+                               detail={"log": log, "arch": arch})
+        out = []
+        for expr in expressions:
+            err, name = nvrtc.nvrtcGetLoweredName(prog, expr.encode())
+            _check(err, f"nvrtcGetLoweredName({expr!r})")
+            out.append(name.decode() if isinstance(name, bytes) else str(name))
+        return out
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("KAAS_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kaas")
@@ -148,3 +185,27 @@ class CompileCache:
         except OSError:
             pass
         return cubin, log
+
+    def lowered(self, source: bytes, expressions: list[str], arch: str, options: tuple[str, ...] = ()) -> list[str]:
+        """``lowered_names``, remembered on disk like CUBINs (one line per expression)."""
+        options = check_options(options)
+        key = self.key(source + b"\0" + "\0".join(expressions).encode(), arch, options)
+        path = self.directory / f"{key}.names"
+        try:
+            names = path.read_text().split("\n")
+        except (OSError, UnicodeDecodeError):
+            names = []
+        if len(names) == len(expressions) and all(names):
+            self.hits += 1
+            return names
+        self.misses += 1
+        names = lowered_names(source, expressions, arch, options)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(names))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        return names

@@ -86,8 +86,8 @@ class CpuBackend(Backend):
         if library in self._libraries:
             return ""
         log = ""
-        if fmt == "cuda" and self.compile_check:
-            log = self._check_source(data, options)
+        if fmt in ("cuda", "cubin") and self.compile_check:
+            log = self._check_library(library, fmt, data, kernels, options)
         resolved: dict[tuple[str, str], tuple[KernelSpec, HostFn]] = {}
         for spec in kernels:
             if not spec.host:
@@ -99,15 +99,21 @@ class CpuBackend(Backend):
         self._libraries.add(library)
         return log
 
-    def _check_source(self, source: bytes, options: tuple[str, ...]) -> str:
-        """Compile CUDA C with NVRTC (when installed) so tenants see compile errors on CPU too."""
-        from . import compiler
+    def _check_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
+                       options: tuple[str, ...]) -> str:
+        """Compile CUDA C with NVRTC (when installed) so tenants see compile errors on CPU too, and
+        hold the signatures against the source and the CUBIN as a GPU worker does."""
+        from . import compiler, signatures
 
+        if fmt == "cubin":
+            signatures.check_library(fmt, data, data, kernels, self.compile_check, options, library=library)
+            return ""
         if not compiler.nvrtc_available():
             return ""
         if self._cache is None:
             self._cache = compiler.CompileCache()
-        _, log = self._cache.compile(source, self.compile_check, options)
+        image, log = self._cache.compile(data, self.compile_check, options)
+        signatures.check_library(fmt, data, image, kernels, self.compile_check, options, self._cache, library)
         return str(log)
 
     def pin_arena(self, arena: int, fd: int, size: int) -> None:

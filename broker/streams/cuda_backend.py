@@ -98,6 +98,7 @@ class CudaBackend(Backend):
             f = facts(self._device)
             self.arch, self.name, self.memory = f.arch, f.name, f.memory
             self.driver_version, self.sm_count = f.driver_version, f.sm_count
+            self.shared_optin = f.shared_optin
             self._pool = default_pool(self._device)
             least, greatest = check(driver.cuCtxGetStreamPriorityRange(), "cuCtxGetStreamPriorityRange")
             for i in range(lanes + high_lanes):
@@ -166,10 +167,10 @@ class CudaBackend(Backend):
         log = ""
         fresh = lib is None
         if lib is None:
-            module, log = load_module(library, fmt, data, options, self._compiler, self.arch, self.name)
+            module, log = load_module(library, fmt, data, options, self._compiler, self.arch, self.name, kernels)
             lib = Library(module, {}, {}, {})
         try:
-            found = {spec.name: find_function(library, lib.module, spec)
+            found = {spec.name: find_function(library, lib.module, spec, self.shared_optin)
                      for spec in kernels if spec.name not in lib.functions}
         except BaseException:
             if fresh:

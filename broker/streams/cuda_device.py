@@ -19,6 +19,7 @@ class Facts:
     memory: int  # bytes
     driver_version: int
     sm_count: int
+    shared_optin: int = 48 * 1024  # bytes of shared memory one block may opt in to
 
 
 def retain(index: int) -> tuple[Any, Any]:
@@ -38,4 +39,6 @@ def facts(device: Any) -> Facts:
         name=bytes(raw_name).split(b"\0", 1)[0].decode(errors="replace").strip(),
         memory=int(check(driver.cuDeviceTotalMem(device))),
         driver_version=int(check(driver.cuDriverGetVersion())),
-        sm_count=int(check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device))))
+        sm_count=int(check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device))),
+        shared_optin=int(check(driver.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device))))

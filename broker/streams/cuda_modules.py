@@ -24,6 +24,7 @@ from .. import errors
 from ..protocol import KernelSpec, Lit
 from .compiler import CompileCache
 from .cuda_errors import BAD_IMAGE, check
+from .signatures import check_library
 from .wire import ExecKernel
 
 __all__ = ["SLOT", "Launch", "Library", "check_signature", "find_function", "literal_packer", "load_module",
@@ -63,10 +64,11 @@ def literal_packer(kinds: tuple[str, ...]) -> struct.Struct:
 
 
 def load_module(library: str, fmt: str, data: bytes, options: tuple[str, ...], compiler: CompileCache,
-                arch: str, device: str) -> tuple[Any, str]:
+                arch: str, device: str, kernels: tuple[KernelSpec, ...] = ()) -> tuple[Any, str]:
     """Load (compiling CUDA C first) one library image; returns the module and the compile log.
 
-    An image this device refuses is the tenant's input: CompileError.
+    An image this device refuses is the tenant's input: CompileError.  ``kernels`` are held
+    against the source and the CUBIN first (``signatures.check_library``).
     """
     log = ""
     if fmt == "cuda":
@@ -77,6 +79,8 @@ def load_module(library: str, fmt: str, data: bytes, options: tuple[str, ...], c
         image = bytes(data) if bytes(data).endswith(b"\0") else bytes(data) + b"\0"
     else:
         raise errors.InvalidArgument(f"unknown library format {fmt!r} (expected cuda, cubin, ptx or fatbin)")
+    if kernels:
+        check_library(fmt, bytes(data), image, kernels, arch, options, compiler, library)
     try:
         if fmt == "ptx":
             module = check(driver.cuModuleLoadDataEx(image, 0, [], []), "cuModuleLoadDataEx")
@@ -92,8 +96,13 @@ def load_module(library: str, fmt: str, data: bytes, options: tuple[str, ...], c
     return module, str(log)
 
 
-def find_function(library: str, module: Any, spec: KernelSpec) -> Any:
-    """The function ``spec`` names in ``module``, its signature checked against the spec."""
+def find_function(library: str, module: Any, spec: KernelSpec, shared_optin: int = 0) -> Any:
+    """The function ``spec`` names in ``module``, its signature checked against the spec.
+
+    With ``shared_optin`` (the device's per-block opt-in limit) the function may take that much
+    shared memory (its static shared memory plus the dynamic shared memory of a launch):
+    the driver's default cap for dynamic shared memory is 48 KiB.
+    """
     res = driver.cuModuleGetFunction(module, spec.name.encode())
     if res[0] == driver.CUresult.CUDA_ERROR_NOT_FOUND:
         raise errors.UnknownKernel(
@@ -102,6 +111,13 @@ def find_function(library: str, module: Any, spec: KernelSpec) -> Any:
             detail={"library": library, "kernel": spec.name})
     function = check(res, f"cuModuleGetFunction({spec.name!r})")
     check_signature(library, spec, function)
+    attr = driver.CUfunction_attribute
+    static = int(check(driver.cuFuncGetAttribute(attr.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function),
+                       "cuFuncGetAttribute(SHARED_SIZE_BYTES)"))
+    room = shared_optin - static
+    if room > 48 * 1024:
+        check(driver.cuFuncSetAttribute(function, attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, room),
+              "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
     return function
 
 

@@ -1,0 +1,189 @@
+"""What a CUBIN says about its kernels, read without a GPU: parameters, shared memory, launch features.
+
+Pure Python over the ELF file (``EM_CUDA``).  Each entry function has a ``.nv.info.<name>``
+section of attributes (``EIATTR_*``, one record each: a format byte, an attribute byte, then
+a 16-bit value or a 16-bit size and that many bytes).  ``EIATTR_KPARAM_INFO`` gives every
+parameter's ordinal, offset and size; others say whether the kernel needs features a plain
+``cuLaunchKernel`` cannot give it (thread-block clusters, grid-wide synchronisation).  Static
+shared memory is the size of the kernel's ``.nv.shared.<name>`` section.
+
+Used where an artefact arrives (tenantlib front ends, and the workers that check a declared
+signature against the binary); nothing here trusts the bytes: a malformed file raises
+``CompileError`` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import CompileError
+
+__all__ = ["CubinKernel", "RawParam", "is_cubin", "read_cubin"]
+
+_ELF_MAGIC = b"\x7fELF"
+_EM_CUDA = 190
+_STO_CUDA_ENTRY = 0x10
+_SHT_SYMTAB = 2
+_STT_FUNC = 2
+
+# .nv.info record formats and the attributes read here (names as cuobjdump prints them).
+_EIFMT_NVAL, _EIFMT_BVAL, _EIFMT_HVAL, _EIFMT_SVAL = 1, 2, 3, 4
+_EIATTR_MAX_THREADS = 0x05
+_EIATTR_REQNTID = 0x10
+_EIATTR_KPARAM_INFO = 0x17
+_EIATTR_CBANK_PARAM_SIZE = 0x19
+_EIATTR_COOP_GROUP_INSTR_OFFSETS = 0x28
+_EIATTR_CTA_PER_CLUSTER = 0x3D
+_EIATTR_EXPLICIT_CLUSTER = 0x3E
+
+
+@dataclass(frozen=True, slots=True)
+class RawParam:
+    """One kernel parameter as the binary lays it out in the parameter bank."""
+
+    ordinal: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CubinKernel:
+    """An entry function of a CUBIN and what launching it takes."""
+
+    name: str
+    params: tuple[RawParam, ...]  # by ordinal
+    param_bytes: int              # the parameter bank's size
+    static_shared: int            # bytes of its .nv.shared section: ``__shared__`` arrays (and, from sm_80, 1 KiB the system reserves)
+    max_threads: tuple[int, ...]  # from __launch_bounds__ / .maxntid (empty: none)
+    required_threads: tuple[int, ...]  # from .reqntid: the block must be exactly this (empty: any)
+    cluster: tuple[int, ...]      # a compile-time cluster shape (empty: none)
+    cooperative: bool             # uses grid-wide synchronisation (needs a cooperative launch)
+
+    def unsupported(self) -> str:
+        """The launch feature kaas cannot give this kernel yet ('' when none)."""
+        if self.cluster:
+            shape = f"clusters of {self.cluster}" if any(self.cluster) else "a cluster shape given at launch"
+            return f"thread-block clusters (the kernel is compiled for {shape}; kaas launches with " \
+                   "cuLaunchKernel, which cannot form them)"
+        if self.cooperative:
+            return "cooperative launches (the kernel synchronises the whole grid)"
+        return ""
+
+
+def is_cubin(data: bytes) -> bool:
+    """True for an ELF image of a CUDA device (what NVRTC, nvcc and ptxas write)."""
+    return len(data) >= 64 and data[:4] == _ELF_MAGIC and data[4] == 2 and \
+        struct.unpack_from("<H", data, 18)[0] == _EM_CUDA
+
+
+def _bad(what: str) -> CompileError:
+    return CompileError(f"not a usable CUBIN: {what}", detail={"log": what})
+
+
+def read_cubin(data: bytes) -> dict[str, CubinKernel]:
+    """Every entry function of ``data`` (a CUBIN) by name."""
+    data = bytes(data)
+    if not is_cubin(data):
+        raise _bad("no 64-bit CUDA ELF header")
+    try:
+        return _read(data)
+    except struct.error:
+        raise _bad("a section or record runs past the end of the file") from None
+
+
+def _read(data: bytes) -> dict[str, CubinKernel]:
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    if shentsize < 64 or shnum > 65535 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
+        raise _bad("its section table lies outside the file")
+    sections = []
+    for i in range(shnum):
+        name, typ, _, _, off, size, link, info, _, entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", data, shoff + i * shentsize)
+        if typ != 8 and off + size > len(data):  # 8: SHT_NOBITS occupies no file space
+            raise _bad(f"section {i} lies outside the file")
+        sections.append((name, typ, off, size, link, info, entsize))
+    strtab = sections[shstrndx]
+
+    def section_name(at: int) -> str:
+        start = strtab[2] + at
+        end = data.find(b"\0", start, strtab[2] + strtab[3])
+        if end < 0:
+            raise _bad("a section name is not terminated")
+        return data[start:end].decode("utf-8", "replace")
+
+    by_name = {section_name(s[0]): s for s in sections}
+    entries = _entry_names(data, sections)
+    kernels: dict[str, CubinKernel] = {}
+    for name in entries:
+        info = by_name.get(f".nv.info.{name}")
+        shared = by_name.get(f".nv.shared.{name}")
+        kernels[name] = _kernel(name, data[info[2]:info[2] + info[3]] if info else b"",
+                                shared[3] if shared else 0)
+    return kernels
+
+
+def _entry_names(data: bytes, sections: list[tuple[int, int, int, int, int, int, int]]) -> list[str]:
+    """Names of the symbols marked as kernel entry points (``STO_CUDA_ENTRY``)."""
+    names: list[str] = []
+    for _, typ, off, size, link, _, entsize in sections:
+        if typ != _SHT_SYMTAB:
+            continue
+        if entsize < 24 or link >= len(sections):
+            raise _bad("a malformed symbol table")
+        strings = sections[link]
+        for at in range(off, off + size - entsize + 1, entsize):
+            st_name, st_info, st_other = struct.unpack_from("<IBB", data, at)
+            if st_info & 0xF != _STT_FUNC or not st_other & _STO_CUDA_ENTRY:
+                continue
+            start = strings[2] + st_name
+            end = data.find(b"\0", start, strings[2] + strings[3])
+            if end < 0:
+                raise _bad("a symbol name is not terminated")
+            names.append(data[start:end].decode("utf-8", "replace"))
+    return names
+
+
+def _kernel(name: str, info: bytes, static_shared: int) -> CubinKernel:
+    params: dict[int, RawParam] = {}
+    param_bytes = 0
+    max_threads: tuple[int, ...] = ()
+    required: tuple[int, ...] = ()
+    cluster: tuple[int, ...] = ()
+    cooperative = False
+    at = 0
+    while at + 4 <= len(info):
+        fmt, attr = info[at], info[at + 1]
+        if fmt == _EIFMT_SVAL:
+            (size,) = struct.unpack_from("<H", info, at + 2)
+            value = info[at + 4:at + 4 + size]
+            if len(value) != size:
+                raise _bad(f"an attribute of kernel {name!r} runs past its section")
+            at += 4 + size
+        elif fmt in (_EIFMT_NVAL, _EIFMT_BVAL, _EIFMT_HVAL):
+            value = info[at + 2:at + 4]
+            at += 4
+        else:
+            raise _bad(f"unknown attribute format {fmt} in kernel {name!r}")
+        if attr == _EIATTR_KPARAM_INFO and len(value) >= 12:
+            _, ordinal, offset, flags = struct.unpack_from("<IHHI", value)
+            params[ordinal] = RawParam(ordinal, offset, (flags >> 18) & 0x3FFF)
+        elif attr == _EIATTR_CBANK_PARAM_SIZE and fmt == _EIFMT_HVAL:
+            (param_bytes,) = struct.unpack_from("<H", value)
+        elif attr in (_EIATTR_MAX_THREADS, _EIATTR_REQNTID, _EIATTR_CTA_PER_CLUSTER) and len(value) >= 12:
+            dims = struct.unpack_from("<III", value)
+            if attr == _EIATTR_MAX_THREADS:
+                max_threads = dims
+            elif attr == _EIATTR_REQNTID:
+                required = dims
+            else:
+                cluster = dims
+        elif attr == _EIATTR_EXPLICIT_CLUSTER and not cluster:
+            cluster = (0, 0, 0)  # a cluster shape chosen at launch time
+        elif attr == _EIATTR_COOP_GROUP_INSTR_OFFSETS:
+            cooperative = True
+    ordered = tuple(params[i] for i in sorted(params))
+    if [p.ordinal for p in ordered] != list(range(len(ordered))):
+        raise _bad(f"kernel {name!r} has gaps in its parameter list")
+    return CubinKernel(name, ordered, param_bytes, static_shared, max_threads, required, cluster, cooperative)
