@@ -10,7 +10,9 @@ the number is the product's own throughput through the broker), and reports TFLO
 - ``kaas gemm fp32`` / ``fp32 tf32`` / ``fp16``: ``tenantlib.gemm.Gemm`` (Triton, compiled here);
 - ``kaas sgemm``: the shipped 16x16-tiled ``tenantlib.kernels`` sgemm (fp32);
 - ``cublas fp32`` / ``tf32`` / ``fp16``: ``torch.matmul`` in this process (cuBLAS), timed with
-  CUDA events, the floor a user with their own context gets.  Needs PyTorch; skipped without.
+  CUDA events, the floor a user with their own context gets.  Needs PyTorch; skipped without;
+- ``triton in-process``: the same Triton kernel launched by Triton in this process (PyTorch
+  tensors): what the kernel itself does, without kaas.
 """
 
 from __future__ import annotations
@@ -84,6 +86,39 @@ def _cublas(how: str, n: int, graphs: int) -> float | None:
     return 2.0 * n ** 3 * graphs / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def _triton_direct(how: str, n: int, graphs: int) -> float | None:
+    """The same Triton kernel as ``kaas gemm``, launched by Triton itself in this process."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    from tenantlib import gemm
+
+    dtype = torch.float16 if how == "fp16" else torch.float32
+    bm, bn, bk, warps, stages = gemm._TILES["float16" if how == "fp16" else "float32"]
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    c = torch.empty(n, n, device="cuda", dtype=dtype)
+    k = gemm._kernel()
+    grid = (-(-n // bm) * -(-n // bn),)
+
+    def once() -> None:
+        k[grid](a, b, c, n, n, n, 1.0, 0.0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                PRECISION="ieee" if how == "fp32" else "tf32", BETA_ZERO=True, num_warps=warps, num_stages=stages)
+
+    for _ in range(3):
+        once()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(graphs):
+        once()
+    end.record()
+    end.synchronize()
+    return 2.0 * n ** 3 * graphs / (start.elapsed_time(end) / 1e3) / 1e12
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1024,2048,4096")
@@ -93,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     ways = ["kaas sgemm", "kaas gemm fp32", "kaas gemm fp32 tf32", "kaas gemm fp16", "cublas fp32", "cublas tf32",
-            "cublas fp16"]
+            "cublas fp16", "triton in-process fp32", "triton in-process fp16"]
     results: dict[str, dict[int, float | None]] = {w: {} for w in ways}
     with BrokerProcess("cuda") as broker, tenantlib.connect(broker.socket, timeout=300) as client:
         for n in sizes:
@@ -104,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[way][n] = _kaas(client, how, n, args.graphs if how != "sgemm" else max(3, args.graphs // 5),
                                         args.inflight)
     for n in sizes:  # after the broker is gone: this process's own context has the GPU to itself
-        for way in ways[4:]:
+        for way in ways[4:7]:
             results[way][n] = _cublas(way.split()[1], n, args.graphs)
+        for way in ways[7:]:
+            results[way][n] = _triton_direct(way.split()[2], n, args.graphs)
     if args.json:
         print(json.dumps({w: {str(k): v for k, v in r.items()} for w, r in results.items()}, indent=1))
         return 0
