@@ -43,6 +43,12 @@ from .graph import BufferRef, Graph, Kernel
 
 __all__ = ["NumbaKernel", "build", "compile"]
 
+if not hasattr(np, "row_stack"):
+    # numba-cuda 0.30 registers an overload of np.row_stack when it is imported, and numpy 2.5
+    # removed that alias of vstack: put the alias back (before numba is imported) or the import
+    # fails with AttributeError.
+    np.row_stack = np.vstack  # type: ignore[attr-defined]
+
 _SCALARS = {"int32": "i32", "uint32": "u32", "int64": "i64", "uint64": "u64", "float32": "f32", "float64": "f64"}
 
 

@@ -13,6 +13,7 @@ import tenantlib
 from broker import errors
 from broker.protocol import Buf, KernelSpec, Lit, Param
 from broker.streams.cubin import read_cubin
+from tenantlib import numba as kn  # imported before numba: it mends numba-cuda 0.30's import under numpy 2.5
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba_cuda") is None and
                                 importlib.util.find_spec("numba.cuda") is None,
@@ -37,8 +38,6 @@ def _kernels() -> tuple[Any, Any]:
 
 
 def test_build_lays_out_arrays_as_numba_passes_them() -> None:
-    from tenantlib import numba as kn
-
     axpy, scale2d = _kernels()
     spec, arrays, cubin = kn.build(axpy, "void(float32, float32[::1], float32[::1])", access={"x": "in"})
     assert [p.name for p in spec.params] == [
@@ -60,15 +59,11 @@ def test_build_lays_out_arrays_as_numba_passes_them() -> None:
     ("not a signature(", None, errors.ArgumentError, "not a Numba signature"),
 ])
 def test_build_refusals(sig: str, access: dict[str, str] | None, error: type[Exception], message: str) -> None:
-    from tenantlib import numba as kn
-
     with pytest.raises(error, match=message):
         kn.build(_kernels()[0], sig, access=access)
 
 
 def test_a_launch_passes_shape_and_strides_as_literals(client: tenantlib.Client) -> None:
-    from tenantlib import numba as kn
-
     _, scale2d = _kernels()
     k = kn.compile(client, scale2d, "void(float64[:, ::1], float64[:, ::1], float64)", access={"m": "in", "out": "out"},
                    host=_HOST)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tenantlib
+from tenantlib import numba as kn  # imported before numba: it mends numba-cuda 0.30's import under numpy 2.5
 from tests.gpu.test_cuda_backend import _no_cuda_reason
 from tools.broker_process import BrokerProcess
 
@@ -31,8 +32,6 @@ def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
 
 def test_numba_kernels_run_through_the_broker(gclient: tenantlib.Client) -> None:
     from numba import cuda
-
-    from tenantlib import numba as kn
 
     @cuda.jit
     def axpy(a, x, y):  # type: ignore[no-untyped-def]
