@@ -9,6 +9,7 @@ the number is the product's own throughput through the broker), and reports TFLO
 
 - ``kaas gemm fp32`` / ``fp32 tf32`` / ``fp16``: ``tenantlib.gemm.Gemm`` (Triton, compiled here);
 - ``kaas sgemm``: the shipped 16x16-tiled ``tenantlib.kernels`` sgemm (fp32);
+- ``kaas cutlass fp32`` / ``fp16``: ``tenantlib.cutlass.CutlassGemm`` (SIMT; tensor cores, fp32 C);
 - ``cublas fp32`` / ``tf32`` / ``fp16``: ``torch.matmul`` in this process (cuBLAS), timed with
   CUDA events, the floor a user with their own context gets.  Needs PyTorch; skipped without;
 - ``triton in-process``: the same Triton kernel launched by Triton in this process (PyTorch
@@ -31,7 +32,7 @@ from tools.broker_process import BrokerProcess
 
 
 def _kaas(client: tenantlib.Client, how: str, n: int, graphs: int, inflight: int) -> float:
-    dtype = "float16" if how == "fp16" else "float32"
+    dtype = "float16" if how.endswith("fp16") else "float32"
     rng = np.random.default_rng(0)
     host = client.array((n, n), dtype)  # a resident is made from arena memory
     host[...] = rng.standard_normal((n, n)).astype(dtype)
@@ -40,10 +41,14 @@ def _kaas(client: tenantlib.Client, how: str, n: int, graphs: int, inflight: int
     b = client.resident(host)
     g = client.graph()
     ra, rb = g.resident(a), g.resident(b)
-    c = g.temp((n, n), dtype)
+    c = g.temp((n, n), "float32" if how.startswith("cutlass") else dtype)  # CUTLASS's fp16 GEMM writes fp32
     if how == "sgemm":
         grid, block = kernels.sgemm_launch(n, n)
         g.kernel(kernels.library(client), "sgemm", grid=grid, block=block, args=[ra, rb, c, n, n, n])
+    elif how.startswith("cutlass"):
+        from tenantlib.cutlass import CutlassGemm
+
+        CutlassGemm(client, "float16" if how == "cutlass fp16" else "float32")(g, ra, rb, c)
     else:
         from tenantlib.gemm import Gemm
 
@@ -127,21 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
-    ways = ["kaas sgemm", "kaas gemm fp32", "kaas gemm fp32 tf32", "kaas gemm fp16", "cublas fp32", "cublas tf32",
-            "cublas fp16", "triton in-process fp32", "triton in-process fp16"]
+    ways = ["kaas sgemm", "kaas gemm fp32", "kaas gemm fp32 tf32", "kaas gemm fp16", "kaas cutlass fp32",
+            "kaas cutlass fp16", "cublas fp32", "cublas tf32", "cublas fp16", "triton in-process fp32",
+            "triton in-process fp16"]
+    kaas_ways = {"kaas sgemm": "sgemm", "kaas gemm fp32": "fp32", "kaas gemm fp32 tf32": "fp32 tf32",
+                 "kaas gemm fp16": "fp16", "kaas cutlass fp32": "cutlass fp32", "kaas cutlass fp16": "cutlass fp16"}
     results: dict[str, dict[int, float | None]] = {w: {} for w in ways}
     with BrokerProcess("cuda") as broker, tenantlib.connect(broker.socket, timeout=300) as client:
         for n in sizes:
-            for way in ways[:4]:
-                how = {"kaas sgemm": "sgemm", "kaas gemm fp32": "fp32", "kaas gemm fp32 tf32": "fp32 tf32",
-                       "kaas gemm fp16": "fp16"}[way]
+            for way, how in kaas_ways.items():
                 print(f"{way} n={n} ...", file=sys.stderr, flush=True)
                 results[way][n] = _kaas(client, how, n, args.graphs if how != "sgemm" else max(3, args.graphs // 5),
                                         args.inflight)
     for n in sizes:  # after the broker is gone: this process's own context has the GPU to itself
-        for way in ways[4:7]:
+        for way in ways[6:9]:
             results[way][n] = _cublas(way.split()[1], n, args.graphs)
-        for way in ways[7:]:
+        for way in ways[9:]:
             results[way][n] = _triton_direct(way.split()[2], n, args.graphs)
     if args.json:
         print(json.dumps({w: {str(k): v for k, v in r.items()} for w, r in results.items()}, indent=1))

@@ -129,7 +129,7 @@ def test_read_cubin_gives_the_parameter_table_and_launch_facts(mixed_cubin: byte
 
 
 @needs_nvrtc
-def test_cluster_and_cooperative_kernels_are_named_as_unsupported() -> None:
+def test_cluster_kernels_are_named_as_unsupported() -> None:
     cubin = compile_cuda(b'extern "C" __global__ void __cluster_dims__(2, 1, 1) c(float* x) { x[0] = 1; }',
                          "sm_90")[0]
     k = read_cubin(cubin)["c"]

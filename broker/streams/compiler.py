@@ -65,10 +65,13 @@ def check_options(options: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(options)
 
 
-def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu") -> tuple[bytes, str]:
+def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu",
+                 include_dirs: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """Compile CUDA C ``source`` to a CUBIN for ``arch`` (``sm_90``); returns (cubin, log).
 
     Raises CompileError with the compiler log in ``detail['log']`` when the source is bad.
+    ``include_dirs`` are for callers' own headers (tenantlib's CUTLASS front end), never a
+    tenant's: ``options`` cannot name files.
     """
     if not _ARCH.match(arch):
         raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
@@ -77,7 +80,8 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
     err, prog = nvrtc.nvrtcCreateProgram(source, name.encode(), 0, [], [])
     _check(err, "nvrtcCreateProgram")
     try:
-        opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options)]
+        opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options),
+                *(f"-I{d}".encode() for d in include_dirs)]
         (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
         _check(err, "nvrtcGetProgramLogSize")
@@ -164,9 +168,13 @@ class CompileCache:
             h.update(part)
         return h.hexdigest()
 
-    def compile(self, source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu") -> tuple[bytes, str]:
+    def compile(self, source: bytes, arch: str, options: tuple[str, ...] = (), name: str = "kernels.cu",
+                include_dirs: tuple[str, ...] = (), headers_key: str = "") -> tuple[bytes, str]:
+        """``compile_cuda`` through the cache; ``headers_key`` names the versions of the headers
+        in ``include_dirs`` (they are part of what was compiled)."""
         options = check_options(options)
-        path = self.directory / f"{self.key(source, arch, options)}.cubin"
+        keyed = source + b"\0" + headers_key.encode() if include_dirs else source
+        path = self.directory / f"{self.key(keyed, arch, options)}.cubin"
         try:
             data = path.read_bytes()
         except OSError:
@@ -175,7 +183,7 @@ class CompileCache:
             self.hits += 1
             return data, ""
         self.misses += 1
-        cubin, log = compile_cuda(source, arch, options, name)
+        cubin, log = compile_cuda(source, arch, options, name, include_dirs)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")

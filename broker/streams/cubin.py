@@ -3,9 +3,11 @@
 Pure Python over the ELF file (``EM_CUDA``).  Each entry function has a ``.nv.info.<name>``
 section of attributes (``EIATTR_*``, one record each: a format byte, an attribute byte, then
 a 16-bit value or a 16-bit size and that many bytes).  ``EIATTR_KPARAM_INFO`` gives every
-parameter's ordinal, offset and size; others say whether the kernel needs features a plain
-``cuLaunchKernel`` cannot give it (thread-block clusters, grid-wide synchronisation).  Static
-shared memory is the size of the kernel's ``.nv.shared.<name>`` section.
+parameter's ordinal, offset and size; others say whether the kernel needs thread-block
+clusters, which a plain ``cuLaunchKernel`` cannot form.  Static shared memory is the size of the
+kernel's ``.nv.shared.<name>`` section.  (Grid-wide synchronisation is not read: the attribute
+that lists cooperative-group instructions is also in kernels without any, CUTLASS GEMMs among
+them; such a kernel launched plainly is a runaway the deadline ends.)
 
 Used where an artefact arrives (tenantlib front ends, and the workers that check a declared
 signature against the binary); nothing here trusts the bytes: a malformed file raises
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import CompileError
 
-__all__ = ["CubinKernel", "RawParam", "is_cubin", "read_cubin"]
+__all__ = ["CubinKernel", "RawParam", "is_cubin", "read_cubin", "read_symbol"]
 
 _ELF_MAGIC = b"\x7fELF"
 _EM_CUDA = 190
@@ -33,7 +35,6 @@ _EIATTR_MAX_THREADS = 0x05
 _EIATTR_REQNTID = 0x10
 _EIATTR_KPARAM_INFO = 0x17
 _EIATTR_CBANK_PARAM_SIZE = 0x19
-_EIATTR_COOP_GROUP_INSTR_OFFSETS = 0x28
 _EIATTR_CTA_PER_CLUSTER = 0x3D
 _EIATTR_EXPLICIT_CLUSTER = 0x3E
 
@@ -58,7 +59,6 @@ class CubinKernel:
     max_threads: tuple[int, ...]  # from __launch_bounds__ / .maxntid (empty: none)
     required_threads: tuple[int, ...]  # from .reqntid: the block must be exactly this (empty: any)
     cluster: tuple[int, ...]      # a compile-time cluster shape (empty: none)
-    cooperative: bool             # uses grid-wide synchronisation (needs a cooperative launch)
 
     def unsupported(self) -> str:
         """The launch feature kaas cannot give this kernel yet ('' when none)."""
@@ -66,8 +66,6 @@ class CubinKernel:
             shape = f"clusters of {self.cluster}" if any(self.cluster) else "a cluster shape given at launch"
             return f"thread-block clusters (the kernel is compiled for {shape}; kaas launches with " \
                    "cuLaunchKernel, which cannot form them)"
-        if self.cooperative:
-            return "cooperative launches (the kernel synchronises the whole grid)"
         return ""
 
 
@@ -151,7 +149,6 @@ def _kernel(name: str, info: bytes, static_shared: int) -> CubinKernel:
     max_threads: tuple[int, ...] = ()
     required: tuple[int, ...] = ()
     cluster: tuple[int, ...] = ()
-    cooperative = False
     at = 0
     while at + 4 <= len(info):
         fmt, attr = info[at], info[at + 1]
@@ -181,9 +178,36 @@ def _kernel(name: str, info: bytes, static_shared: int) -> CubinKernel:
                 cluster = dims
         elif attr == _EIATTR_EXPLICIT_CLUSTER and not cluster:
             cluster = (0, 0, 0)  # a cluster shape chosen at launch time
-        elif attr == _EIATTR_COOP_GROUP_INSTR_OFFSETS:
-            cooperative = True
     ordered = tuple(params[i] for i in sorted(params))
     if [p.ordinal for p in ordered] != list(range(len(ordered))):
         raise _bad(f"kernel {name!r} has gaps in its parameter list")
-    return CubinKernel(name, ordered, param_bytes, static_shared, max_threads, required, cluster, cooperative)
+    return CubinKernel(name, ordered, param_bytes, static_shared, max_threads, required, cluster)
+
+
+def read_symbol(data: bytes, name: str) -> bytes:
+    """The initial bytes of data symbol ``name`` (a ``__constant__`` or ``__device__`` variable)."""
+    data = bytes(data)
+    if not is_cubin(data):
+        raise _bad("no 64-bit CUDA ELF header")
+    try:
+        shoff = struct.unpack_from("<Q", data, 0x28)[0]
+        shentsize, shnum, _ = struct.unpack_from("<HHH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        for _, typ, _, _, off, size, link, _, _, entsize in sections:
+            if typ != _SHT_SYMTAB or entsize < 24 or link >= len(sections):
+                continue
+            strings = sections[link]
+            for at in range(off, off + size - entsize + 1, entsize):
+                st_name, _, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", data, at)
+                start = strings[4] + st_name
+                if data[start:data.find(b"\0", start)] != name.encode():
+                    continue
+                if st_shndx >= len(sections):
+                    raise _bad(f"symbol {name!r} is not in a section of the file")
+                sec = sections[st_shndx]
+                if sec[1] == 8 or st_value + st_size > sec[5]:  # NOBITS: no initial bytes
+                    raise _bad(f"symbol {name!r} has no initial value in the file")
+                return data[sec[4] + st_value:sec[4] + st_value + st_size]
+    except struct.error:
+        raise _bad("a section or record runs past the end of the file") from None
+    raise _bad(f"no symbol {name!r}")
