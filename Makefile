@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Extras installed with the package: CI adds the kernel front ends' (`make test EXTRAS=test,triton,numba,cutlass`).
+EXTRAS ?= test
 
 .PHONY: install run test lint typecheck unit gpu bench-cpu clean
 
@@ -13,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@echo "creating $(VENV) with $(PYTHON) and installing kaas ..."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 install: $(STAMP)
