@@ -26,19 +26,29 @@ def status(engine: Engine) -> dict[str, Any]:
 
 
 def tenants(engine: Engine) -> list[dict[str, Any]]:
-    total = sum(st.device_seconds for st in engine.tenants.values()) or 1.0
-    out = []
+    """Every tenant seen since the broker started: its totals (from the metrics, which outlive its
+    sessions) and, while it has sessions, its live queue, memory and residents."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, tm in engine.metrics.tenants.items():
+        rows[name] = {"tenant": name, "sessions": 0, "weight": None, "priority": None, "graphs": tm.graphs,
+                      "errors": sum(tm.errors.values()), "device_seconds": sum(tm.device_seconds.values()),
+                      "waiting": 0, "running": 0, "parked": 0, "memory_used": 0, "device_quota": None,
+                      "total_quota": None, "residents": 0, "resident_bytes": 0, "arenas": 0}
     for st in engine.tenants.values():
         pol = st.policy
-        out.append({
-            "tenant": st.name, "sessions": st.sessions, "weight": pol.weight, "priority": pol.priority,
-            "graphs": st.graphs, "device_seconds": st.device_seconds, "share": st.device_seconds / total,
+        row = rows.setdefault(st.name, {"tenant": st.name, "graphs": st.graphs, "errors": 0,
+                                         "device_seconds": st.device_seconds})
+        row.update({
+            "sessions": st.sessions, "weight": pol.weight, "priority": pol.priority,
             "waiting": st.waiting, "running": st.in_sched - (st.waiting - len(st.parked)), "parked": len(st.parked),
             "memory_used": engine.pool.used(tenant=st.name), "device_quota": pol.device_memory or None,
             "total_quota": pol.total_memory or None, "residents": len(st.residents),
             "resident_bytes": sum(r.nbytes for r in st.residents.values()), "arenas": st.arenas,
         })
-    return sorted(out, key=lambda t: t["tenant"])
+    total = sum(r["device_seconds"] for r in rows.values()) or 1.0
+    for r in rows.values():
+        r["share"] = r["device_seconds"] / total
+    return sorted(rows.values(), key=lambda t: t["tenant"])
 
 
 def residents(engine: Engine) -> list[dict[str, Any]]:

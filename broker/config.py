@@ -66,6 +66,14 @@ class Config:
     max_tenant_arenas: int = 8192         # per tenant, all its sessions together
     max_inflight: int = 4096              # requests per session at once
     max_prepared: int = 4096              # prepared graphs per session
+    # Bounded caches: what a tenant registers in a loop cannot grow the broker without bound.
+    # Least recently used libraries that no prepared graph uses make room; past that: quota_exceeded.
+    max_libraries: int = 1024             # libraries kept (all tenants; a departed tenant's stay cached)
+    max_library_bytes: int = 1 << 30      # their bytes
+    tenant_max_libraries: int = 256       # libraries one tenant holds
+    tenant_max_library_bytes: int = 256 << 20
+    tenant_max_prepared: int = 16384      # prepared graphs of one tenant, all its sessions together
+    tenant_max_residents: int = 4096      # resident buffers of one tenant
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
     max_graph_seconds: float = 300.0      # every graph's deadline on a device (a request's timeout may be shorter)
     replay_attempts: int = 3              # times an innocent graph is replayed after its worker died

@@ -36,6 +36,7 @@ from .streams.wire import (
     WPinArena,
     WRelease,
     WReply,
+    WUnloadLibrary,
     WUnpinArena,
 )
 from .workers import WorkerHandle
@@ -84,6 +85,8 @@ class LibraryRecord:
     options: tuple[str, ...]
     log: str = ""
     ready: asyncio.Future[None] | None = None
+    holders: set[str] = field(default_factory=set)  # tenants that registered it and still hold it
+    refs: int = 0  # live prepared graphs (of any tenant) that use it: never evicted while > 0
 
 @dataclass(eq=False, slots=True)
 class ResidentRecord:
@@ -104,7 +107,10 @@ class TenantState:
 
     name: str
     sessions: int = 0
-    libraries: set[str] = field(default_factory=set)
+    libraries: dict[str, None] = field(default_factory=dict)  # the digests it holds, least recently used first
+    library_refs: dict[str, int] = field(default_factory=dict)  # digest -> its live prepared graphs using it
+    library_bytes: int = 0
+    prepared: int = 0  # live prepared graphs over all its sessions
     residents: dict[str, ResidentRecord] = field(default_factory=dict)
     # What validation reads, kept in step with the two above:
     library_sigs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
@@ -218,6 +224,10 @@ class Registry(EngineBase):
         if st.sessions == 0:
             for rec in list(st.residents.values()):
                 self.release_resident(st, rec)
+            for digest in st.libraries:  # they stay cached (bounded) for whoever registers them again
+                lib = self.libraries.get(digest)
+                if lib is not None:
+                    lib.holders.discard(st.name)
             del self.tenants[st.name]
             if st.name in self.dedicated and not self._stopping:
                 task = asyncio.get_running_loop().create_task(self._close_dedicated(st.name))
@@ -321,6 +331,10 @@ class Registry(EngineBase):
                 detail={"library": digest})
         rec = self.libraries.get(digest)
         cached = digest in tenant.libraries  # never reveal what other tenants registered
+        if not cached:
+            self._room_for_tenant(tenant, len(data))
+            if rec is None:
+                self._room_in_cache(len(data))
         if rec is None:
             rec = LibraryRecord(digest, fmt, data, specs, tuple(options))
             rec.ready = asyncio.get_running_loop().create_future()
@@ -342,11 +356,72 @@ class Registry(EngineBase):
         else:
             assert rec.ready is not None
             await asyncio.shield(rec.ready)
+        self.libraries.pop(digest, None)  # most recently used last (it may have been dropped meanwhile)
+        self.libraries[digest] = rec
         if digest not in tenant.libraries:
-            tenant.libraries.add(digest)
+            tenant.libraries[digest] = None
             tenant.library_sigs[digest] = rec.kernels
+            tenant.library_bytes += len(rec.data)
             tenant.gen += 1
+        else:
+            tenant.libraries[digest] = tenant.libraries.pop(digest)
+        rec.holders.add(tenant.name)
         return digest, cached, rec.log
+
+    # -- the bounded library cache ---------------------------------------------------------------
+    def _room_for_tenant(self, tenant: TenantState, nbytes: int) -> None:
+        """Make room for one more library of ``nbytes`` in ``tenant``'s limits, letting go of its
+        least recently used libraries that none of its prepared graphs use; QuotaExceeded if it cannot."""
+        cfg = self.config
+        for limit, name, over in (
+                (cfg.tenant_max_libraries, "tenant_max_libraries", lambda: len(tenant.libraries) + 1 > cfg.tenant_max_libraries),
+                (cfg.tenant_max_library_bytes, "tenant_max_library_bytes",
+                 lambda: tenant.library_bytes + nbytes > cfg.tenant_max_library_bytes)):
+            while over():
+                victim = next((d for d in tenant.libraries if not tenant.library_refs.get(d)), None)
+                if victim is None or nbytes > cfg.tenant_max_library_bytes:
+                    held = f"{len(tenant.libraries)} libraries of {tenant.library_bytes} bytes"
+                    raise errors.QuotaExceeded(
+                        f"tenant holds {held}, each used by a prepared graph; a library of {nbytes} bytes more "
+                        f"would pass {name} = {limit} (release graphs, or raise the limit)",
+                        detail={"limit": name, "value": limit})
+                self._let_go(tenant, victim)
+
+    def _let_go(self, tenant: TenantState, digest: str) -> None:
+        """``tenant`` no longer holds library ``digest`` (its graphs must register it again)."""
+        del tenant.libraries[digest]
+        tenant.library_sigs.pop(digest, None)
+        tenant.library_refs.pop(digest, None)
+        tenant.gen += 1
+        rec = self.libraries.get(digest)
+        if rec is not None:
+            tenant.library_bytes -= len(rec.data)
+            rec.holders.discard(tenant.name)
+        self.stats["library_evictions"] += 1
+
+    def _room_in_cache(self, nbytes: int) -> None:
+        """Make room for one more library in the broker's cache: drop least recently used ones that
+        no tenant holds and no prepared graph uses (cached for a tenant that comes back); else refuse."""
+        cfg = self.config
+        total = sum(len(r.data) for r in self.libraries.values())
+        while len(self.libraries) + 1 > cfg.max_libraries or total + nbytes > cfg.max_library_bytes:
+            victim = next((r for r in self.libraries.values()
+                           if not r.holders and not r.refs and r.ready is not None and r.ready.done()), None)
+            if victim is None or nbytes > cfg.max_library_bytes:
+                name, limit = (("max_libraries", cfg.max_libraries) if len(self.libraries) + 1 > cfg.max_libraries
+                               else ("max_library_bytes", cfg.max_library_bytes))
+                raise errors.QuotaExceeded(f"the broker's library cache is full ({name} = {limit}); try again later",
+                                           detail={"limit": name, "value": limit})
+            total -= len(victim.data)
+            self._drop_library(victim)
+
+    def _drop_library(self, rec: LibraryRecord) -> None:
+        """Forget a library no one holds or uses, in the broker and on every device."""
+        del self.libraries[rec.digest]
+        for w in self.workers.values():
+            if w.alive:
+                w.send_cb(WUnloadLibrary(w.next_seq(), rec.digest), _ignore)
+        self.stats["library_drops"] += 1
 
     # -- residents -------------------------------------------------------------------------
     async def put_resident(self, tenant: TenantState, arena: ArenaRecord, offset: int, nbytes: int,
@@ -355,6 +430,11 @@ class Registry(EngineBase):
         rec = tenant.residents.get(key)
         if rec is not None:
             return rec, True
+        limit = self.config.tenant_max_residents
+        if len(tenant.residents) >= limit:
+            raise errors.QuotaExceeded(f"tenant holds {len(tenant.residents)} resident buffers "
+                                       f"(tenant_max_residents = {limit})",
+                                       detail={"limit": "tenant_max_residents", "value": limit})
         if len(self.arenas) + len(self.residents) >= self.fd_budget:
             raise errors.QuotaExceeded("the broker cannot take more resident buffers now; try again later")
         fd = os.memfd_create("kaas-resident", os.MFD_CLOEXEC)
@@ -405,7 +485,20 @@ class Registry(EngineBase):
     # -- prepared graphs ---------------------------------------------------------------------
     def prepare(self, tenant: TenantState, template: Template) -> PreparedRecord:
         """Keep a validated graph for runs by handle (workers get it on its first run there)."""
+        if tenant.prepared >= self.config.tenant_max_prepared:
+            raise errors.QuotaExceeded(
+                f"tenant holds {tenant.prepared} prepared graphs (tenant_max_prepared = {self.config.tenant_max_prepared})",
+                detail={"limit": "tenant_max_prepared", "value": self.config.tenant_max_prepared})
         residents = tuple(self.residents[r] for r in template.residents)
+        tenant.prepared += 1
+        for d in template.libraries:  # in use: not evicted while this graph lives; and recently used
+            tenant.library_refs[d] = tenant.library_refs.get(d, 0) + 1
+            if d in tenant.libraries:
+                tenant.libraries[d] = tenant.libraries.pop(d)
+            rec = self.libraries.get(d)
+            if rec is not None:
+                rec.refs += 1
+                self.libraries[d] = self.libraries.pop(d)
         self.stats["prepared"] += 1
         self.stats["prepared_live"] += 1
         kinds = template.literal_kinds
@@ -422,6 +515,15 @@ class Registry(EngineBase):
 
     def _forget_prepared(self, rec: PreparedRecord) -> None:
         self.stats["prepared_live"] -= 1
+        st = self.tenants.get(rec.tenant)
+        if st is not None:
+            st.prepared -= 1
+        for d in rec.template.libraries:
+            if st is not None and st.library_refs.get(d):
+                st.library_refs[d] -= 1
+            lib = self.libraries.get(d)
+            if lib is not None:
+                lib.refs -= 1
         for w in self.workers.values():
             if rec.gid in w.prepared:
                 w.prepared.discard(rec.gid)

@@ -58,6 +58,28 @@ def test_kaasctl_views(broker_factory: BrokerFactory) -> None:
         assert bad.returncode == 1 and "no device 'cuda:7'" in bad.stderr
 
 
+def test_a_tenant_keeps_its_totals_after_its_last_session(broker_factory: BrokerFactory) -> None:
+    b = broker_factory()
+    with tenantlib.connect(b.socket) as c:
+        g, *_ = _sgemm(c, 32)
+        for _ in range(5):
+            c.run(g)
+        with pytest.raises(errors.InvalidArgument, match="library is empty"):
+            c.library(b"", kernels=[])  # one typed error
+        name = c.tenant
+    # Its last session is gone: the broker dropped the tenant's live state...
+    deadline = time.monotonic() + 30
+    while True:
+        ts = json.loads(kaasctl(b.socket, "tenants", "--json").stdout)
+        me = next(t for t in ts if t["tenant"] == name)
+        if me["sessions"] == 1 or time.monotonic() > deadline:  # kaasctl's own session only
+            break
+        time.sleep(0.05)
+    # ...and still reports what it did (kaasctl's session is the same tenant: its live row is new).
+    assert me["sessions"] == 1 and me["graphs"] == 5 and me["errors"] >= 1 and me["device_seconds"] > 0, me
+    assert "errors" in kaasctl(b.socket, "tenants").stdout
+
+
 def test_drain_moves_new_graphs_off_a_device(broker_factory: BrokerFactory) -> None:
     b = broker_factory(device="cpu:0,1")
     with tenantlib.connect(b.socket) as c:

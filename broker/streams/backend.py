@@ -51,6 +51,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def unload_library(self, library: str) -> None:
+        """Forget ``library`` (a no-op when absent); the broker asks only once no prepared graph
+        and no graph in flight uses it."""
+
+    @abc.abstractmethod
     def pin_arena(self, arena: int, fd: int, size: int) -> None:
         """Map (and, on CUDA, page-lock) the shared-memory segment ``fd``; the backend owns ``fd``."""
 

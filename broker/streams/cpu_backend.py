@@ -116,6 +116,11 @@ class CpuBackend(Backend):
         signatures.check_library(fmt, data, image, kernels, self.compile_check, options, self._cache, library)
         return str(log)
 
+    def unload_library(self, library: str) -> None:
+        self._libraries.discard(library)
+        for key in [k for k in self._kernels if k[0] == library]:
+            del self._kernels[key]
+
     def pin_arena(self, arena: int, fd: int, size: int) -> None:
         if arena in self._arenas:  # pinned already (a respawn replays pins): idempotent
             os.close(fd)

@@ -185,6 +185,24 @@ class CudaBackend(Backend):
         return log
 
     @guarded
+    def unload_library(self, library: str) -> None:
+        lib = self._libraries.get(library)
+        if lib is None:
+            return
+        for p in self._prepared.values():
+            if any(k.library == library for k in p.graph.kernels):
+                raise errors.InternalError(f"library {library[:12]} is still used by prepared graph {p.handle}")
+        for key, shape in list(self._shapes.items()):
+            if any(k.library == library for k in key[0]):
+                if shape.users:
+                    raise errors.InternalError(f"library {library[:12]} is still used by a graph in flight")
+                del self._shapes[key]
+                for rp in list(shape.replays.values()):
+                    self._graphs.destroy(rp)
+        del self._libraries[library]
+        check(driver.cuModuleUnload(lib.module), f"cuModuleUnload (library {library[:12]})")
+
+    @guarded
     def pin_arena(self, arena: int, fd: int, size: int) -> None:
         try:
             self._usable()

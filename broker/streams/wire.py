@@ -83,6 +83,13 @@ class WLoadLibrary(_W, tag="load", frozen=True):
     options: tuple[str, ...] = ()
 
 
+class WUnloadLibrary(_W, tag="unload", frozen=True):
+    """Forget ``library``: the broker sends it once no prepared graph uses it (a bounded cache)."""
+
+    seq: int
+    library: str
+
+
 class WPinArena(_W, tag="pin", frozen=True):
     seq: int
     arena: int
@@ -143,7 +150,7 @@ class WShutdown(_W, tag="shutdown", frozen=True):
 
 
 WorkerCommand = Union[
-    WLoadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WPrepare, WRelease,
+    WLoadLibrary, WUnloadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WPrepare, WRelease,
     WRun, WInfo, WShutdown,
 ]
 

@@ -41,6 +41,7 @@ from .wire import (
     WReply,
     WRun,
     WShutdown,
+    WUnloadLibrary,
     WUnpinArena,
     command_decoder,
 )
@@ -187,6 +188,8 @@ class Worker:
             info: dict[str, Any] = {}
             if isinstance(cmd, WLoadLibrary):
                 info["log"] = self.backend.load_library(cmd.library, cmd.format, cmd.data, cmd.kernels, cmd.options)
+            elif isinstance(cmd, WUnloadLibrary):
+                self.backend.unload_library(cmd.library)
             elif isinstance(cmd, WPinArena):
                 self.backend.pin_arena(cmd.arena, self._take_fd(), cmd.size)
             elif isinstance(cmd, WUnpinArena):

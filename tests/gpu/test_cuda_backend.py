@@ -554,3 +554,18 @@ def test_kaas_std_kernels_match_their_host_implementations(backend: Any, rng: np
                 rtol = 1e-4 if name in ("sgemm",) else 1e-6
                 np.testing.assert_allclose(g, c, rtol=rtol, atol=1e-5, err_msg=f"kaas-std {name}")
     cpu.close()
+
+
+def test_unload_library_frees_the_module_and_its_cached_graphs(backend: Any) -> None:
+    backend.load_library("lib-unload", "cuda", SOURCE, KERNELS, ())
+    arena = Arena(backend, 4096)
+    o, c = arena.place(np.ones(8, np.float32))
+    graph = ExecGraph((arena.buffer("inout", o, c),),
+                      (ExecKernel("lib-unload", "t_vadd", (1, 1, 1), (8, 1, 1), 0, (Buf(0), Buf(0), Buf(0), Lit("i32", 8))),))
+    for _ in range(3):  # cached as a shape (and, with cuda_graphs, captured)
+        ok(run(backend, graph))
+    backend.unload_library("lib-unload")
+    backend.unload_library("lib-unload")  # a no-op the second time
+    with pytest.raises(errors.UnknownLibrary):
+        run(backend, graph)
+    arena.close()
