@@ -219,7 +219,8 @@ class Client(ClientCore):
         (``tenantlib.kernel_specs``): ``access={"vadd": {"c": "out"}}`` narrows a read-write
         pointer, ``hosts={"vadd": "module:function"}`` names host implementations for the CPU
         device.  ``kernels=`` takes ``KernelSpec``s, or each kernel's C parameter list (for a
-        binary).  The broker checks every signature against the source and the binary.
+        binary).  The broker checks every signature against the binary (a CUBIN's parameter
+        table; PTX and fatbin by the sizes a GPU's driver reports) and CUDA C's against its source.
         """
         msg = self.library_msg(code, kernels, format, name, options, access, hosts)
         return self.library_result(msg, self._request(msg))

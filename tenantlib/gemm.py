@@ -10,8 +10,8 @@ A, B and C are row-major and contiguous, of shapes (M, K), (K, N) and (M, N); fp
 accumulate in fp32 and round once into C.  fp32 uses exact IEEE products by default
 (``precision="tf32"`` trades accuracy for tensor cores).  It is Triton's tiled matrix product
 (grouped tile order for L2 reuse) compiled through ``tenantlib.triton``: Triton is an extra
-(``pip install 'kaas[triton]'``), and the CUTLASS route was not taken because no CUTLASS
-release on a package registry builds with the NVRTC kaas ships (see the README).
+(``pip install 'kaas[triton]'``).  ``tenantlib.cutlass`` has CUTLASS's GEMMs; this one was the
+faster fp16 GEMM on an H200 (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations

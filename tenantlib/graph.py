@@ -11,6 +11,7 @@ write, write after read, write after write); ``after=`` adds explicit ones.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Library:
         return Kernel(self, self.kernels[name])
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
 _DTYPE_OF = {"i32": "int32", "u32": "uint32", "i64": "int64", "u64": "uint64", "f32": "float32", "f64": "float64"}
 _RANGE = {"i32": (-(1 << 31), (1 << 31) - 1), "u32": (0, (1 << 32) - 1), "i64": (-(1 << 63), (1 << 63) - 1),
           "u64": (0, (1 << 64) - 1)}
@@ -352,14 +354,20 @@ def _exact(where: str, kind: str, value: Any) -> int | float:
         if not lo <= int(value) <= hi:
             raise errors.ArgumentError(f"{where} is {kind}; {value} is outside {lo}..{hi}")
         return int(value)
+    if not isinstance(value, numbers.Real):
+        raise errors.ArgumentError(f"{where} is {kind}; got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise errors.ArgumentError(f"{where} is {kind}; {value} is out of its range") from None
+    if kind == "f32" and math.isfinite(as_float) and abs(as_float) > _F32_MAX:
+        raise errors.ArgumentError(f"{where} is f32; {value!r} is out of its range (it would become infinite)")
     if isinstance(value, numbers.Integral):
-        exact = float(np.float32(value)) if kind == "f32" else float(value)
+        exact = float(np.float32(as_float)) if kind == "f32" else as_float
         if exact != value:
             raise errors.ArgumentError(f"{where} is {kind}; the int {value} is not exactly a {kind}")
         return exact
-    if isinstance(value, numbers.Real):
-        return float(value)
-    raise errors.ArgumentError(f"{where} is {kind}; got {type(value).__name__}")
+    return as_float
 
 
 def _scalar(kernel: str, param: str, kind: str, value: Any) -> int | float:

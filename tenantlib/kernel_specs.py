@@ -9,8 +9,10 @@ PTX or fatbin), ``kernels=`` may give each kernel's C parameter list instead of 
 
     client.library(cubin, kernels={"vadd": "const float* a, const float* b, float* c, int n"})
 
-Whatever the signatures come from, the broker's device workers hold them against the source
-and the binary again, so a wrong one is refused at registration, naming the parameter.
+Whatever the signatures come from, the broker's device workers hold them against the binary again
+(a CUBIN's parameter table; on a GPU, the sizes the driver reports for PTX and fatbin too) and,
+for CUDA C, against the types in the source, so a wrong one is refused at registration, naming
+the parameter.
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ from broker.protocol import KernelSpec, Param
 from broker.streams import signatures
 from broker.streams.cubin import is_cubin, read_cubin
 
-__all__ = ["DEFAULT_ARCH", "KernelsArg", "resolve_kernels"]
+__all__ = ["DEFAULT_ARCH", "KernelsArg", "parse_arch", "resolve_kernels"]
 
 DEFAULT_ARCH = "sm_90"  # types do not depend on the architecture: any NVRTC accepts will do
 KernelsArg = Sequence[KernelSpec] | Mapping[str, str] | None
 AccessArg = Mapping[str, Mapping[str, str]] | None
+
+
+def parse_arch(arch: str) -> tuple[int, int]:
+    """``"sm_90"`` (or ``"sm_90a"``) -> (9, 0); InvalidArgument for anything else."""
+    digits = arch.removeprefix("sm_").rstrip("af")
+    if not arch.startswith("sm_") or not digits.isdigit() or len(digits) < 2:
+        raise errors.InvalidArgument(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
+    return int(digits[:-1]), int(digits[-1])
 
 
 def _cache():  # type: ignore[no-untyped-def]

@@ -40,6 +40,7 @@ from broker.streams.cubin import read_cubin
 from broker.streams.signatures import check_binary
 
 from .graph import BufferRef, Graph, Kernel
+from .kernel_specs import parse_arch
 
 __all__ = ["NumbaKernel", "build", "compile"]
 
@@ -180,11 +181,7 @@ def build(fn: Any, signature: str | Any, *, arch: str = "", access: Mapping[str,
     pyfunc = getattr(fn, "py_func", fn)
     if not callable(pyfunc):
         raise errors.InvalidArgument("compile takes a Python function or a @cuda.jit kernel")
-    arch = arch or "sm_90"
-    digits = arch.removeprefix("sm_").rstrip("af")
-    if not arch.startswith("sm_") or not digits.isdigit():
-        raise errors.InvalidArgument(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
-    cc = (int(digits[:-1]), int(digits[-1]))
+    cc = parse_arch(arch or "sm_90")
     names = list(inspect.signature(pyfunc).parameters)
     types = _numba_types(signature)
     if len(types) != len(names):
@@ -196,7 +193,7 @@ def build(fn: Any, signature: str | Any, *, arch: str = "", access: Mapping[str,
                                     fastmath=fastmath)
     except Exception as exc:  # Numba's typing and lowering errors are of many types; the tenant gets one
         raise errors.CompileError(f"Numba could not compile {pyfunc.__name__}: {exc}", detail={"log": str(exc)}) from None
-    cubin = _link(ptx, f"sm_{digits}")
+    cubin = _link(ptx, f"sm_{cc[0]}{cc[1]}")
     entries = read_cubin(cubin)
     if len(entries) != 1:
         raise errors.CompileError(f"expected one kernel in Numba's CUBIN, found {len(entries)}", detail={"log": ""})

@@ -42,6 +42,7 @@ from broker.streams.cubin import read_cubin
 from broker.streams.signatures import check_binary
 
 from .graph import BufferRef, Graph, Kernel, Library
+from .kernel_specs import parse_arch
 
 __all__ = ["TritonKernel", "compile", "kernel_spec"]
 
@@ -50,13 +51,6 @@ _POINTEE = {"fp32": "float32", "fp16": "float16", "fp64": "float64", "i8": "int8
             "bf16": "", "fp8e4nv": "", "fp8e5": ""}
 _SCALAR = {"i32": "i32", "u32": "u32", "i64": "i64", "u64": "u64", "fp32": "f32", "fp64": "f64"}
 _HIDDEN = ("global_scratch", "profile_scratch")
-
-
-def _arch_number(arch: str) -> int:
-    digits = arch.removeprefix("sm_").rstrip("af")
-    if not arch.startswith("sm_") or not digits.isdigit():
-        raise errors.InvalidArgument(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
-    return int(digits)
 
 
 def kernel_spec(name: str, signature: Mapping[str, str], access: Mapping[str, str] | None = None,
@@ -178,7 +172,7 @@ def build(fn: Any, signature: Mapping[str, str], *, constexprs: Mapping[str, Any
         else:
             raise errors.ArgumentError(f"parameter {n!r} of {fn.__name__} has no type in signature= and no value "
                                        "in constexprs=")
-    extra = set(signature) - set(names) or set(constexprs) - set(names)
+    extra = set(signature) - set(names) or set(constexprs) - set(names) or set(divisible) - set(names)
     if extra:
         raise errors.ArgumentError(f"{fn.__name__} has no parameter {sorted(extra)[0]!r} (it has: {', '.join(names)})")
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
@@ -192,7 +186,8 @@ def build(fn: Any, signature: Mapping[str, str], *, constexprs: Mapping[str, Any
                                            f"specialisation), got {n}={divisible[n]} for a {ty}")
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel_spec(fn.__name__, {n: full[n] for n in names if full[n] != "constexpr"}, access, host)  # refuse early
-    target = GPUTarget("cuda", _arch_number(arch or "sm_90"), 32)
+    major, minor = parse_arch(arch or "sm_90")
+    target = GPUTarget("cuda", 10 * major + minor, 32)
     try:
         compiled = triton.compile(ASTSource(fn, full, constexprs, attrs), target=target,
                                   options={"num_warps": num_warps, "num_stages": num_stages,

@@ -309,26 +309,119 @@ def test_the_broker_refuses_a_cluster_kernel_and_checks_cubins(client: tenantlib
 
 
 def test_cubin_reader_struct_layout_is_what_the_elf_spec_says() -> None:
-    # A minimal hand-built CUDA ELF: one entry function 'k' with one 8-byte parameter.
+    k = read_cubin(_elf_with_one_kernel(b"k"))["k"]  # a minimal hand-built CUDA ELF (below)
+    assert [(p.ordinal, p.offset, p.size) for p in k.params] == [(0, 0, 8)]
+
+
+# -- regressions from review: hostile or unusual input ---------------------------------------------
+@pytest.mark.parametrize("src", [
+    b'#include "/etc/passwd"\n', b"  #  include <x>\n", b'%:include "a"\n', b'#\\\ninclude "a"\n',
+    b'#if __has_include("/etc/x")\n#endif\n', b'/**/ #include "a"\n', b'#/**/include "a"\n',
+    b'const char* s = "/*";\n#include "/etc/passwd"\n// */\n', b'auto s = R"(")";\n#include "/etc/passwd" // "\n',
+])
+def test_tenant_source_may_not_include_files(src: bytes) -> None:
+    from broker.streams.compiler import refuse_includes
+
+    with pytest.raises(errors.CompileError, match="may not include files"):
+        refuse_includes(src)
+
+
+def test_include_text_in_comments_and_literals_is_fine() -> None:
+    from broker.streams.compiler import refuse_includes
+
+    refuse_includes(b'// #include <x>\n/* #include "a" */\nconst char* s = "#include <y>";\nauto r = R"d(#include "z")d";\n')
+
+
+def test_the_broker_refuses_an_include(client: tenantlib.Client) -> None:
+    with pytest.raises(errors.CompileError, match="may not include files"):
+        client.library('#include "/etc/passwd"\nextern "C" __global__ void null() {}\n',
+                       kernels=[KernelSpec("null", (), host="tenantlib.kernels.host:null")])
+
+
+_UNUSUAL = rb"""
+template <class T> struct F { T x; };
+template <int N> struct W {};
+template <class T> struct V {};
+enum E { A, B };
+extern "C" __global__ void subst(F<int>* a, F<float>* b, V<W<3>>* c, V<int>* d) {}
+extern "C" __global__ void fnptr(void (*fp)(int), int n) {}
+extern "C" __global__ void with_enum(E e, int n) {}
+extern "C" __global__ void unnamed(const float*, int) {}
+"""
+
+
+@needs_nvrtc
+def test_unusual_types_are_read_or_named() -> None:
+    found = signatures.source_signatures(_UNUSUAL, ["subst", "unnamed"], "sm_90")
+    assert [p.kind for p in found["subst"]] == ["buf"] * 4  # a substituted template name with its arguments
+    assert [p.name for p in found["unnamed"]] == ["arg0", "arg1"]
+    with pytest.raises(errors.UnsupportedFeature, match="function pointer"):
+        signatures.source_signatures(_UNUSUAL, ["fnptr"], "sm_90")
+    with pytest.raises(errors.UnsupportedFeature, match="has type E"):
+        signatures.source_signatures(_UNUSUAL, ["with_enum"], "sm_90")
+
+
+@needs_nvrtc
+def test_hand_written_specs_of_types_the_reader_cannot_decode_are_held_to_the_binary() -> None:
+    cubin = compile_cuda(_UNUSUAL, "sm_90")[0]
+    ok = [KernelSpec("with_enum", (Param("e", "i32"), Param("n", "i32"))),
+          KernelSpec("fnptr", (Param("fp", "u64"), Param("n", "i32")))]
+    signatures.check_library("cuda", _UNUSUAL, cubin, ok, "sm_90")
+    with pytest.raises(errors.SignatureMismatch, match="is 4 bytes in the binary"):
+        signatures.check_library("cuda", _UNUSUAL, cubin, [KernelSpec("with_enum", (Param("e", "i64"),
+                                                                                     Param("n", "i32")))], "sm_90")
+
+
+@pytest.mark.parametrize("bad", [
+    "_Z22__kaas_signature_probeIFvS-5_EEvv", "_Z22__kaas_signature_probeIFvStEEvv",
+    "_Z22__kaas_signature_probeIFviEEvvXX", "_Z22__kaas_signature_probeIFv" + "P" * 2000 + "iEEvv",
+    "_Z22__kaas_signature_probeIFv1VIL_ZN1a1bEEEEEvv",
+])
+def test_function_type_refuses_malformed_and_deep_names(bad: str) -> None:
+    with pytest.raises(errors.CompileError):
+        signatures.function_type(bad)
+
+
+def test_declared_names_fall_back_when_parameters_are_unnamed_or_repeated() -> None:
+    assert signatures.declared_names("__global__ void k(const float*, int) {}", "k") is None
+    assert signatures.declared_names("__global__ void k(float* a, float* a) {}", "k") is None
+    assert signatures.declared_names('const char* s = "__global__ void k(int z)"; __global__ void k(int n) {}',
+                                     "k") == ["n"]
+
+
+def test_launch_refuses_numbers_out_of_a_float_range() -> None:
+    lib = tenantlib.Library("d" * 64, "t", {"f": KernelSpec("f", (Param("x", "f32"), Param("y", "f64")))})
+    with pytest.raises(errors.ArgumentError, match="out of its range"):
+        tenantlib.Graph().launch(lib.f, 1, 1, 1e300, 1.0)
+    with pytest.raises(errors.ArgumentError, match="out of its range"):
+        tenantlib.Graph().launch(lib.f, 1, 1, 1.0, 2**2000)
+    tenantlib.Graph().launch(lib.f, 1, 1, float("inf"), 1e300)
+
+
+def _elf_with_one_kernel(name: bytes) -> bytes:
     info = struct.pack("<BBH", 4, 0x17, 12) + struct.pack("<IHHI", 0, 0, 0, 8 << 18)
-    names = b"\0.shstrtab\0.strtab\0.symtab\0.nv.info.k\0"
-    strtab = b"\0k\0"
+    names = b"\0.shstrtab\0.strtab\0.symtab\0.nv.info." + name + b"\0"
+    strtab = b"\0" + name + b"\0"
     sym = bytes(24) + struct.pack("<IBBHQQ", 1, 0x12, 0x10, 0, 0, 0)
     body = [names, strtab, sym, info]
     offs, at = [], 64
     for part in body:
         offs.append(at)
         at += len(part)
-    shoff = at
     hdr = bytearray(64)
     hdr[:5] = b"\x7fELF\x02"
     struct.pack_into("<H", hdr, 18, 190)
-    struct.pack_into("<Q", hdr, 0x28, shoff)
+    struct.pack_into("<Q", hdr, 0x28, at)
     struct.pack_into("<HHH", hdr, 0x3A, 64, 5, 1)
     sh = bytes(64)
     sh += struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, offs[0], len(names), 0, 0, 1, 0)
     sh += struct.pack("<IIQQQQIIQQ", 11, 3, 0, 0, offs[1], len(strtab), 0, 0, 1, 0)
     sh += struct.pack("<IIQQQQIIQQ", 19, 2, 0, 0, offs[2], len(sym), 2, 1, 8, 24)
     sh += struct.pack("<IIQQQQIIQQ", 27, 0x70000000, 0, 0, offs[3], len(info), 3, 0, 4, 0)
-    k = read_cubin(bytes(hdr) + b"".join(body) + sh)["k"]
-    assert [(p.ordinal, p.offset, p.size) for p in k.params] == [(0, 0, 8)]
+    return bytes(hdr) + b"".join(body) + sh
+
+
+def test_cubin_reader_refuses_oversized_names() -> None:
+    assert list(read_cubin(_elf_with_one_kernel(b"k" * 100))) == ["k" * 100]
+    with pytest.raises(errors.CompileError, match="not terminated within"):
+        read_cubin(_elf_with_one_kernel(b"k" * 5000))

@@ -154,3 +154,9 @@ def test_gemm_refuses_bad_shapes_before_compiling() -> None:
 
     with pytest.raises(errors.InvalidArgument, match="float32 or float16"):
         Gemm(None, "float64")
+
+
+@needs_triton
+def test_a_divisibility_promise_must_name_a_parameter() -> None:
+    with pytest.raises(errors.ArgumentError, match="no parameter 'm'"):
+        kt.build(_add_kernel(), _SIG, constexprs={"BLOCK": 256}, divisible={"m": 16})

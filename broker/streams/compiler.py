@@ -14,6 +14,7 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from ..errors import CompileError, InternalError
 
@@ -57,6 +58,90 @@ def _check(err: object, what: str) -> None:
         raise InternalError(f"{what} failed: {name.decode(errors='replace')}")
 
 
+# A preprocessor directive that reads a file (``#`` or the ``%:`` digraph, then ``include``,
+# ``include_next``, ``import`` or ``embed``), and ``__has_include`` (which tells whether a file
+# exists), anywhere in the code once comments and literals are blanked out.
+_READS_FILES = re.compile(rb"(?:#|%:)[ \t]*(?:include|include_next|import|embed)\b|__has_include")
+_RAW_OPEN = re.compile(rb'(?:u8|u|U|L)?R"([^()\\ \t\n]{0,16})\(')
+_SPECIAL = re.compile(rb'//|/\*|"|\'|(?:u8|u|U|L)?R"')
+
+
+def code_only(source: bytes) -> bytes:
+    """``source`` with line splices joined and comments, string and character literals blanked,
+    so that nothing the preprocessor would read as a directive hides in them (or they in it)."""
+    src = re.sub(rb"\\\r?\n", b"", source)
+    out = bytearray()
+    i, n = 0, len(src)
+    while i < n:
+        m0 = _SPECIAL.search(src, i)  # plain code up to the next comment or literal is kept as it is
+        if m0 is None:
+            out += src[i:]
+            break
+        out += src[i:m0.start()]
+        i = m0.start()
+        c = src[i:i + 1]
+        if src.startswith(b"//", i):
+            j = src.find(b"\n", i)
+            i = n if j < 0 else j
+            out += b" "
+        elif src.startswith(b"/*", i):
+            j = src.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+            out += b" "
+        elif (m := _RAW_OPEN.match(src, i)) is not None and (i == 0 or not src[i - 1:i].isalnum()):
+            end = src.find(b")" + m.group(1) + b'"', m.end())
+            i = n if end < 0 else end + len(m.group(1)) + 2
+            out += b'""'
+        elif c in (b'"', b"'"):
+            j = i + 1
+            while j < n and src[j:j + 1] not in (c, b"\n"):
+                j += 2 if src[j:j + 1] == b"\\" else 1
+            i = j + 1
+            out += c + c
+        else:
+            out += c
+            i += 1
+    return bytes(out)
+
+
+def refuse_includes(source: bytes) -> None:
+    """CompileError if tenant source asks the compiler to read a file.
+
+    NVRTC reads any path the worker can (``#include "/etc/shadow"``) and quotes it back in
+    its log, and there are no CUDA headers on a broker's include path to want anyway.
+    """
+    code = code_only(source)
+    m = _READS_FILES.search(code)
+    if m is not None:
+        line = code.count(b"\n", 0, m.start()) + 1
+        raise CompileError(f"CUDA C sent to the broker may not include files (line {line}: "
+                           f"{m.group(0).strip().decode(errors='replace')!r}): paste what it needs into the source",
+                           detail={"log": "", "line": line})
+
+
+def _program_log(nvrtc: Any, prog: Any) -> str:
+    err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+    _check(err, "nvrtcGetProgramLogSize")
+    # NVRTC writes into the buffer: it must be a fresh mutable object. ``b" " * 1`` is CPython's
+    # interned one-byte b" ", and writing NUL into it corrupts every b" " in the process.
+    log_buf = bytearray(log_size)
+    (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
+    _check(err, "nvrtcGetProgramLog")
+    return bytes(log_buf).rstrip(b"\x00 ").decode(errors="replace")
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Put ``data`` at ``directory/name`` whole or not at all; a cache that cannot be written is skipped."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, directory / name)
+    except OSError:
+        pass
+
+
 def check_options(options: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     bad = [o for o in options if not _ALLOWED_OPTION.match(o)]
     if bad:
@@ -70,9 +155,12 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
     """Compile CUDA C ``source`` to a CUBIN for ``arch`` (``sm_90``); returns (cubin, log).
 
     Raises CompileError with the compiler log in ``detail['log']`` when the source is bad.
-    ``include_dirs`` are for callers' own headers (tenantlib's CUTLASS front end), never a
-    tenant's: ``options`` cannot name files.
+    ``include_dirs`` are for callers' own headers (tenantlib's CUTLASS front end, compiling in
+    the tenant's process); without them the source may not include files at all
+    (``refuse_includes``), and ``options`` cannot name files either.
     """
+    if not include_dirs:
+        refuse_includes(source)
     if not _ARCH.match(arch):
         raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
     options = check_options(options)
@@ -83,14 +171,7 @@ def compile_cuda(source: bytes, arch: str, options: tuple[str, ...] = (), name: 
         opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options),
                 *(f"-I{d}".encode() for d in include_dirs)]
         (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
-        _check(err, "nvrtcGetProgramLogSize")
-        # NVRTC writes into the buffer: it must be a fresh mutable object. ``b" " * 1`` is CPython's
-        # interned one-byte b" ", and writing NUL into it corrupts every b" " in the process.
-        log_buf = bytearray(log_size)
-        (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
-        _check(err, "nvrtcGetProgramLog")
-        log = bytes(log_buf).rstrip(b"\x00 ").decode(errors="replace")
+        log = _program_log(nvrtc, prog)
         if cerr != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, ename = nvrtc.nvrtcGetErrorString(cerr)
             raise CompileError(
@@ -113,6 +194,7 @@ def lowered_names(source: bytes, expressions: list[str], arch: str, options: tup
     Compiles ``source`` once without keeping the code: ``signatures`` reads kernel parameter
     types from the mangled names of probe templates.
     """
+    refuse_includes(source)
     if not _ARCH.match(arch):
         raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
     options = check_options(options)
@@ -126,12 +208,7 @@ def lowered_names(source: bytes, expressions: list[str], arch: str, options: tup
         opts = [f"--gpu-architecture={arch}".encode(), b"-default-device", *(o.encode() for o in options)]
         (cerr,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if cerr != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
-            _check(err, "nvrtcGetProgramLogSize")
-            log_buf = bytearray(log_size)  # fresh and mutable: see compile_cuda
-            (err,) = nvrtc.nvrtcGetProgramLog(prog, log_buf)
-            _check(err, "nvrtcGetProgramLog")
-            log = bytes(log_buf).rstrip(b"\x00 ").decode(errors="replace")
+            log = _program_log(nvrtc, prog)
             raise CompileError(f"NVRTC could not read the kernels' parameter types for {arch}:\n{log}",
                                detail={"log": log, "arch": arch})
         out = []
@@ -184,14 +261,7 @@ class CompileCache:
             return data, ""
         self.misses += 1
         cubin, log = compile_cuda(source, arch, options, name, include_dirs)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(cubin)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        _write_atomically(self.directory, path.name, cubin)
         return cubin, log
 
     def lowered(self, source: bytes, expressions: list[str], arch: str, options: tuple[str, ...] = ()) -> list[str]:
@@ -208,12 +278,5 @@ class CompileCache:
             return names
         self.misses += 1
         names = lowered_names(source, expressions, arch, options)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join(names))
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        _write_atomically(self.directory, path.name, "\n".join(names).encode())
         return names

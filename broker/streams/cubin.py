@@ -27,6 +27,7 @@ _ELF_MAGIC = b"\x7fELF"
 _EM_CUDA = 190
 _STO_CUDA_ENTRY = 0x10
 _SHT_SYMTAB = 2
+_SHT_NOBITS = 8
 _STT_FUNC = 2
 
 # .nv.info record formats and the attributes read here (names as cuobjdump prints them).
@@ -79,52 +80,87 @@ def _bad(what: str) -> CompileError:
     return CompileError(f"not a usable CUBIN: {what}", detail={"log": what})
 
 
+_MAX_NAME = 4096     # bytes of one section or symbol name
+_MAX_KERNELS = 4096  # entry functions in one image
+_Section = tuple[int, int, int, int, int, int, int]  # name, type, offset, size, link, info, entsize
+
+
 def read_cubin(data: bytes) -> dict[str, CubinKernel]:
     """Every entry function of ``data`` (a CUBIN) by name."""
     data = bytes(data)
     if not is_cubin(data):
         raise _bad("no 64-bit CUDA ELF header")
     try:
-        return _read(data)
+        sections = _sections(data)
+        strtab = sections[struct.unpack_from("<H", data, 0x3E)[0]]
+        by_name: dict[str, _Section] = {}
+        for sec in sections:
+            by_name.setdefault(_string(data, strtab, sec[0], "a section name"), sec)
+        kernels: dict[str, CubinKernel] = {}
+        for name, _, _, _ in _symbols(data, sections, entries_only=True):
+            info = by_name.get(f".nv.info.{name}")
+            shared = by_name.get(f".nv.shared.{name}")
+            kernels[name] = _kernel(name, data[info[2]:info[2] + info[3]] if info else b"",
+                                    shared[3] if shared else 0)
+        return kernels
     except struct.error:
         raise _bad("a section or record runs past the end of the file") from None
 
 
-def _read(data: bytes) -> dict[str, CubinKernel]:
+def read_symbol(data: bytes, name: str) -> bytes:
+    """The initial bytes of data symbol ``name`` (a ``__constant__`` or ``__device__`` variable)."""
+    data = bytes(data)
+    if not is_cubin(data):
+        raise _bad("no 64-bit CUDA ELF header")
+    try:
+        sections = _sections(data)
+        for sym, shndx, value, size in _symbols(data, sections, entries_only=False, wanted=name):
+            if sym != name:
+                continue
+            if shndx >= len(sections):
+                raise _bad(f"symbol {name!r} is not in a section of the file")
+            sec = sections[shndx]
+            if sec[1] == _SHT_NOBITS or value + size > sec[3]:
+                raise _bad(f"symbol {name!r} has no initial value in the file")
+            return data[sec[2] + value:sec[2] + value + size]
+    except struct.error:
+        raise _bad("a section or record runs past the end of the file") from None
+    raise _bad(f"no symbol {name!r}")
+
+
+def _sections(data: bytes) -> list[_Section]:
+    """The section table, every section inside the file."""
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    if shentsize < 64 or shnum > 65535 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
+    if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
         raise _bad("its section table lies outside the file")
-    sections = []
+    sections: list[_Section] = []
     for i in range(shnum):
         name, typ, _, _, off, size, link, info, _, entsize = struct.unpack_from(
             "<IIQQQQIIQQ", data, shoff + i * shentsize)
-        if typ != 8 and off + size > len(data):  # 8: SHT_NOBITS occupies no file space
+        if typ != _SHT_NOBITS and off + size > len(data):  # NOBITS occupies no file space
             raise _bad(f"section {i} lies outside the file")
         sections.append((name, typ, off, size, link, info, entsize))
-    strtab = sections[shstrndx]
-
-    def section_name(at: int) -> str:
-        start = strtab[2] + at
-        end = data.find(b"\0", start, strtab[2] + strtab[3])
-        if end < 0:
-            raise _bad("a section name is not terminated")
-        return data[start:end].decode("utf-8", "replace")
-
-    by_name = {section_name(s[0]): s for s in sections}
-    entries = _entry_names(data, sections)
-    kernels: dict[str, CubinKernel] = {}
-    for name in entries:
-        info = by_name.get(f".nv.info.{name}")
-        shared = by_name.get(f".nv.shared.{name}")
-        kernels[name] = _kernel(name, data[info[2]:info[2] + info[3]] if info else b"",
-                                shared[3] if shared else 0)
-    return kernels
+    return sections
 
 
-def _entry_names(data: bytes, sections: list[tuple[int, int, int, int, int, int, int]]) -> list[str]:
-    """Names of the symbols marked as kernel entry points (``STO_CUDA_ENTRY``)."""
-    names: list[str] = []
+def _string(data: bytes, table: _Section, at: int, what: str) -> str:
+    """The NUL-terminated string at ``at`` in string table section ``table``."""
+    if table[1] == _SHT_NOBITS or at >= table[3]:
+        raise _bad(f"{what} lies outside its string table")
+    start = table[2] + at
+    end = data.find(b"\0", start, min(table[2] + table[3], start + _MAX_NAME + 1))
+    if end < 0:
+        raise _bad(f"{what} is not terminated within {_MAX_NAME} bytes")
+    return data[start:end].decode("utf-8", "replace")
+
+
+def _symbols(data: bytes, sections: list[_Section], *, entries_only: bool,
+             wanted: str = "") -> list[tuple[str, int, int, int]]:
+    """(name, section index, value, size) of the kernel entry points, or of every symbol named
+    ``wanted`` (names of other symbols are not decoded)."""
+    out: list[tuple[str, int, int, int]] = []
+    raw = wanted.encode()
     for _, typ, off, size, link, _, entsize in sections:
         if typ != _SHT_SYMTAB:
             continue
@@ -132,15 +168,16 @@ def _entry_names(data: bytes, sections: list[tuple[int, int, int, int, int, int,
             raise _bad("a malformed symbol table")
         strings = sections[link]
         for at in range(off, off + size - entsize + 1, entsize):
-            st_name, st_info, st_other = struct.unpack_from("<IBB", data, at)
-            if st_info & 0xF != _STT_FUNC or not st_other & _STO_CUDA_ENTRY:
+            st_name, st_info, st_other, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", data, at)
+            if entries_only:
+                if st_info & 0xF != _STT_FUNC or not st_other & _STO_CUDA_ENTRY:
+                    continue
+                if len(out) >= _MAX_KERNELS:
+                    raise _bad(f"more than {_MAX_KERNELS} kernels in one image")
+            elif not data.startswith(raw + b"\0", strings[2] + st_name) or st_name >= strings[3]:
                 continue
-            start = strings[2] + st_name
-            end = data.find(b"\0", start, strings[2] + strings[3])
-            if end < 0:
-                raise _bad("a symbol name is not terminated")
-            names.append(data[start:end].decode("utf-8", "replace"))
-    return names
+            out.append((_string(data, strings, st_name, "a symbol name"), st_shndx, st_value, st_size))
+    return out
 
 
 def _kernel(name: str, info: bytes, static_shared: int) -> CubinKernel:
@@ -183,31 +220,3 @@ def _kernel(name: str, info: bytes, static_shared: int) -> CubinKernel:
         raise _bad(f"kernel {name!r} has gaps in its parameter list")
     return CubinKernel(name, ordered, param_bytes, static_shared, max_threads, required, cluster)
 
-
-def read_symbol(data: bytes, name: str) -> bytes:
-    """The initial bytes of data symbol ``name`` (a ``__constant__`` or ``__device__`` variable)."""
-    data = bytes(data)
-    if not is_cubin(data):
-        raise _bad("no 64-bit CUDA ELF header")
-    try:
-        shoff = struct.unpack_from("<Q", data, 0x28)[0]
-        shentsize, shnum, _ = struct.unpack_from("<HHH", data, 0x3A)
-        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-        for _, typ, _, _, off, size, link, _, _, entsize in sections:
-            if typ != _SHT_SYMTAB or entsize < 24 or link >= len(sections):
-                continue
-            strings = sections[link]
-            for at in range(off, off + size - entsize + 1, entsize):
-                st_name, _, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", data, at)
-                start = strings[4] + st_name
-                if data[start:data.find(b"\0", start)] != name.encode():
-                    continue
-                if st_shndx >= len(sections):
-                    raise _bad(f"symbol {name!r} is not in a section of the file")
-                sec = sections[st_shndx]
-                if sec[1] == 8 or st_value + st_size > sec[5]:  # NOBITS: no initial bytes
-                    raise _bad(f"symbol {name!r} has no initial value in the file")
-                return data[sec[4] + st_value:sec[4] + st_value + st_size]
-    except struct.error:
-        raise _bad("a section or record runs past the end of the file") from None
-    raise _bad(f"no symbol {name!r}")

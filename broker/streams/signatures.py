@@ -82,10 +82,13 @@ class CType:
 class _Demangler:
     """A recursive-descent reader of one mangled function type, with the ABI's substitutions."""
 
+    MAX_DEPTH = 64  # nested types (pointers to pointers...): deeper is refused, not recursed into
+
     def __init__(self, text: str, subs: list[CType]) -> None:
         self.s = text
         self.i = 0
         self.subs = subs
+        self.depth = 0
 
     def fail(self, what: str) -> CompileError:
         return CompileError(f"cannot read the mangled type {self.s!r} at {self.i}: {what}", detail={"log": what})
@@ -132,18 +135,25 @@ class _Demangler:
             at = 0
         else:
             digits = ""
-            while self.peek() and self.peek() != "_":
+            while self.peek() and (self.peek().isdigit() or self.peek().isupper()):
                 digits += self.take()
-            self.take()
-            try:
-                at = int(digits, 36) + 1
-            except ValueError:
-                raise self.fail(f"unknown substitution S{digits}_ (std:: names are not kernel parameters)") from None
+            if not digits or self.take() != "_":  # St, Sa, Ss...: std:: names, never a kernel parameter
+                raise self.fail("a substitution kaas does not read (std:: names are not kernel parameters)")
+            at = int(digits, 36) + 1
         if at >= len(self.subs):
             raise self.fail(f"substitution {at} of {len(self.subs)}")
         return self.subs[at]
 
     def type(self) -> CType:
+        self.depth += 1
+        if self.depth > self.MAX_DEPTH:
+            raise self.fail(f"types nested deeper than {self.MAX_DEPTH}")
+        try:
+            return self._type()
+        finally:
+            self.depth -= 1
+
+    def _type(self) -> CType:
         c = self.peek()
         if c in ("K", "V", "r"):
             const = volatile = False
@@ -163,7 +173,12 @@ class _Demangler:
         if c in ("R", "O"):
             raise self.fail("a reference parameter")
         if c == "S":
-            return self.substitution()
+            return self.template_args(self.substitution())  # a substituted template name may take arguments
+        if c == "F":
+            self.function()
+            t = CType("(function)")
+            self.subs.append(t)
+            return t
         if c == "N":
             return self.nested()
         if c.isdigit():
@@ -205,7 +220,10 @@ class _Demangler:
             return t
         self.take()
         while self.peek() != "E":
-            if self.peek() == "L":  # a literal argument: L <type> <value> E
+            if self.peek() == "L":  # a literal argument: L <builtin type> <value> E
+                self.take()
+                if self.peek() == "_":
+                    raise self.fail("a template argument that is an address")
                 while self.take() != "E":
                     pass
             else:
@@ -223,6 +241,8 @@ def function_type(lowered: str) -> list[CType]:
         raise CompileError(f"unexpected lowered probe name {lowered!r}", detail={"log": lowered})
     d = _Demangler(lowered[len(prefix):], [CType(_PROBE, template=True)])
     _, params = d.function()
+    if d.s[d.i:] != "Evv":  # the template's argument list closes, then its own type: void ()
+        raise d.fail("trailing text after the function type")
     return params
 
 
@@ -233,6 +253,9 @@ def kernel_params(kernel: str, types: list[CType], names: list[str] | None = Non
     out: list[Param] = []
     for i, (name, t) in enumerate(zip(names, types, strict=True)):
         where = f"parameter {i} ({name!r}) of kernel {kernel!r}"
+        if t.pointee is not None and t.pointee.name == "(function)":
+            raise UnsupportedFeature(f"{where} is a function pointer, which kaas cannot pass",
+                                     detail={"kernel": kernel, "param": name, "feature": "parameter type"})
         if t.pointee is not None:
             target = t.pointee
             if target.pointee is not None:
@@ -259,58 +282,66 @@ def kernel_params(kernel: str, types: list[CType], names: list[str] | None = Non
 
 
 # -- from source -------------------------------------------------------------------------------
-_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_TYPE_WORDS = {"const", "volatile", "unsigned", "signed", "int", "long", "short", "char", "float", "double", "bool",
+               "void", "struct", "__restrict__", "__restrict", "restrict", "__grid_constant__", "size_t"}
 
 
 def declared_names(source: str, kernel: str) -> list[str] | None:
-    """The parameter names of ``kernel``'s first plain declaration in ``source`` (None if unreadable)."""
-    text = _COMMENTS.sub(" ", source)
-    m = re.search(r"__global__[^;{}]*?\b" + re.escape(kernel) + r"\s*\(", text)
-    if m is None:
-        return None
-    depth, at = 1, m.end()
-    while at < len(text) and depth:
-        depth += {"(": 1, ")": -1}.get(text[at], 0)
-        at += 1
-    body = text[m.end():at - 1]
-    parts, depth, cur = [], 0, ""
-    for ch in body:
-        if ch in "(<[":
-            depth += 1
-        elif ch in ")>]":
-            depth -= 1
-        if ch == "," and depth == 0:
+    """The parameter names of ``kernel``'s first plain ``__global__`` declaration in ``source``
+    (None when it cannot be read plainly: unnamed or repeated parameters, macros)."""
+    from .compiler import code_only
+
+    text = code_only(source.encode()).decode("utf-8", "replace")
+    for m in re.finditer(r"\b" + re.escape(kernel) + r"\s*\(", text):  # linear: no backtracking across the file
+        before = text[max(0, m.start() - 512):m.start()]
+        at = before.rfind("__global__")
+        if at < 0 or any(ch in before[at:] for ch in ";{}"):
+            continue
+        depth, end = 1, m.end()
+        while end < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        body = text[m.end():end - 1]
+        parts, depth, cur = [], 0, ""
+        for ch in body:
+            if ch in "(<[":
+                depth += 1
+            elif ch in ")>]":
+                depth -= 1
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        if cur.strip() and cur.strip() != "void":
             parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip() and cur.strip() != "void":
-        parts.append(cur)
-    names = []
-    for part in parts:
-        found = re.findall(r"[A-Za-z_]\w*", part.split("=")[0])
-        if not found:
-            return None
-        names.append(found[-1])
-    return names
+        names = []
+        for part in parts:
+            found = re.findall(r"[A-Za-z_]\w*", part.split("=")[0])
+            if len(found) < 2 or found[-1] in _TYPE_WORDS:
+                return None  # an unnamed parameter: its last word is its type
+            names.append(found[-1])
+        return names if len(set(names)) == len(names) else None
+    return None
 
 
 def source_signatures(source: bytes, kernels: Iterable[str], arch: str, options: tuple[str, ...] = (),
-                      cache: CompileCache | None = None) -> dict[str, tuple[Param, ...]]:
+                      cache: CompileCache | None = None, names: bool = True) -> dict[str, tuple[Param, ...]]:
     """Each of ``kernels``' parameters, as NVRTC parses ``source`` (one extra compile, no GPU;
-    remembered by ``cache`` when given)."""
+    remembered by ``cache`` when given).  ``names=False`` calls them arg0, arg1, ...: a check
+    compares types only, and the worker need not read the source's text."""
     from . import compiler
 
-    names = list(kernels)
-    if not names:
+    wanted = list(kernels)
+    if not wanted:
         return {}
-    exprs = [f"{_PROBE}<decltype({k})>" for k in names]
+    exprs = [f"{_PROBE}<decltype({k})>" for k in wanted]
     probe = source + _PROBE_SOURCE.encode()
     lowered = (cache.lowered(probe, exprs, arch, options) if cache is not None
                else compiler.lowered_names(probe, exprs, arch, options))
-    text = source.decode("utf-8", "replace")
-    return {k: kernel_params(k, function_type(low), declared_names(text, k))
-            for k, low in zip(names, lowered, strict=True)}
+    text = source.decode("utf-8", "replace") if names else ""
+    return {k: kernel_params(k, function_type(low), declared_names(text, k) if names else None)
+            for k, low in zip(wanted, lowered, strict=True)}
 
 
 def derive(source: bytes, entries: Mapping[str, CubinKernel], arch: str, options: tuple[str, ...] = (),
@@ -353,9 +384,20 @@ def check_library(fmt: str, source: bytes, image: bytes, specs: Iterable[KernelS
                     detail={"library": library, "kernel": spec.name})
             check_binary(spec, k)
     if fmt == "cuda" and specs:
-        derived = source_signatures(source, [s.name for s in specs], arch, options, cache)
+        try:
+            found = source_signatures(source, [s.name for s in specs], arch, options, cache, names=False)
+        except (CompileError, UnsupportedFeature):
+            found = {}
+            for spec in specs:  # one at a time: hold each spec whose types can be read
+                try:
+                    found.update(source_signatures(source, [spec.name], arch, options, cache, names=False))
+                except (CompileError, UnsupportedFeature):
+                    # A type this reader cannot decode (an enum, a function pointer, a kernel in a
+                    # namespace): that spec is held against the CUBIN's parameter sizes only.
+                    continue
         for spec in specs:
-            check_declared(spec, derived[spec.name])
+            if spec.name in found:
+                check_declared(spec, found[spec.name])
 
 
 def _mismatch(kernel: str, message: str, param: str = "") -> SignatureMismatch:
