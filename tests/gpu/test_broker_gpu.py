@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,18 +20,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_no_cuda_reason()), reaso
 def fresh(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     a[...] = rng.standard_normal(a.shape, dtype=np.float32)
     return a
-
-
-@pytest.fixture(scope="module")
-def gpu_broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
-    with BrokerProcess("cuda", env=broker_env) as b:
-        yield b
-
-
-@pytest.fixture
-def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
-    with tenantlib.connect(gpu_broker.socket, timeout=120) as c:
-        yield c
 
 
 def test_every_shipped_kernel_on_the_gpu_matches_numpy(gclient: tenantlib.Client) -> None:

@@ -3,8 +3,6 @@ with ``Graph.launch``; dynamic shared memory above 48 KiB; refusals of what kaas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,6 @@ import tenantlib
 from broker import errors
 from broker.protocol import KernelSpec, Param
 from tests.gpu.test_cuda_backend import _no_cuda_reason
-from tools.broker_process import BrokerProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_no_cuda_reason()), reason=_no_cuda_reason() or "-")]
 
@@ -33,18 +30,6 @@ extern "C" __global__ void reverse_tiles(const float* x, float* y, int n) {
     if (base + i < n) y[base + i] = tile[per - 1 - i];
 }
 """
-
-
-@pytest.fixture(scope="module")
-def gpu_broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
-    with BrokerProcess("cuda", env=broker_env) as b:
-        yield b
-
-
-@pytest.fixture
-def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
-    with tenantlib.connect(gpu_broker.socket, timeout=120) as c:
-        yield c
 
 
 def test_the_welcome_names_the_gpu_architecture(gclient: tenantlib.Client) -> None:

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 import tenantlib
 from tests.gpu.test_cuda_backend import _no_cuda_reason
-from tools.broker_process import BrokerProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_no_cuda_reason()), reason=_no_cuda_reason() or "-"),
               pytest.mark.skipif(importlib.util.find_spec("cutlass_library") is None,
                                  reason="the CUTLASS headers are not installed (pip install 'kaas[cutlass]')")]
-
-
-@pytest.fixture(scope="module")
-def gpu_broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
-    with BrokerProcess("cuda", env=broker_env) as b:
-        yield b
-
-
-@pytest.fixture
-def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
-    with tenantlib.connect(gpu_broker.socket, timeout=300) as c:
-        yield c
 
 
 @pytest.mark.parametrize(("dtype", "shape", "rtol"), [

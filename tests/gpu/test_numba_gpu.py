@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,23 +10,10 @@ import pytest
 import tenantlib
 from tenantlib import numba as kn  # imported before numba: it mends numba-cuda 0.30's import under numpy 2.5
 from tests.gpu.test_cuda_backend import _no_cuda_reason
-from tools.broker_process import BrokerProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_no_cuda_reason()), reason=_no_cuda_reason() or "-"),
               pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba-cuda is not installed (pip install 'kaas[numba]')")]
-
-
-@pytest.fixture(scope="module")
-def gpu_broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
-    with BrokerProcess("cuda", env=broker_env) as b:
-        yield b
-
-
-@pytest.fixture
-def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
-    with tenantlib.connect(gpu_broker.socket, timeout=300) as c:
-        yield c
 
 
 def test_numba_kernels_run_through_the_broker(gclient: tenantlib.Client) -> None:

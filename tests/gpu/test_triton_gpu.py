@@ -4,30 +4,16 @@ kernel, and the BLAS-class GEMM (fp32 IEEE, fp16 on tensor cores with 96 KiB of 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 import tenantlib
 from tests.gpu.test_cuda_backend import _no_cuda_reason
-from tools.broker_process import BrokerProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_no_cuda_reason()), reason=_no_cuda_reason() or "-"),
               pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                  reason="Triton is not installed (pip install 'kaas[triton]')")]
-
-
-@pytest.fixture(scope="module")
-def gpu_broker(broker_env: dict[str, str]) -> Iterator[BrokerProcess]:
-    with BrokerProcess("cuda", env=broker_env) as b:
-        yield b
-
-
-@pytest.fixture
-def gclient(gpu_broker: BrokerProcess) -> Iterator[tenantlib.Client]:
-    with tenantlib.connect(gpu_broker.socket, timeout=300) as c:
-        yield c
 
 
 def test_a_triton_kernel_runs_through_the_broker(gclient: tenantlib.Client) -> None:
