@@ -24,6 +24,7 @@ from broker.protocol import (
     FrameDecoder,
     OpenRings,
     Ping,
+    RegisterLibrary,
     ReleaseResident,
     RingsOpened,
     Status,
@@ -34,7 +35,15 @@ from broker.protocol import (
 )
 
 from . import errors
-from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
+from ._core import (
+    ClientCore,
+    RunResult,
+    closed_during_handshake,
+    default_path,
+    digest_of,
+    raise_if_error,
+    read_welcome,
+)
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
 from .kernel_specs import AccessArg, KernelsArg
@@ -79,10 +88,22 @@ class Client(ClientCore):
         us = spin_us if spin_us is not None else int(env) if env else welcome.spin_us
         self.spin = max(0, us) / 1e6  # seconds to busy-poll for a reply before sleeping
         self._rings: ClientRings | None = None
+        # With reconnect (see ``connect``): where the broker is, how this session was opened, and
+        # what was registered, to register it again on a new session after the broker restarts.
+        self.reconnect = False
+        self._path = ""
+        self._hello = "tenantlib"
+        self._want_rings = False
+        self._lost: errors.KaasError | None = None  # the broker went away; the next call reconnects
+        self._arena_fds: dict[int, int] = {}          # id(arena) -> its segment's fd, kept open
+        self._library_msgs: dict[str, RegisterLibrary] = {}  # digest -> how it was registered
+        self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}  # digest hex -> (array, digest)
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, msg: Any, fd: int | None = None) -> None:
         self._check_open()
+        if self._lost is not None:
+            raise self._lost
         view = memoryview(encode(msg))
         with self._lock:
             try:
@@ -104,8 +125,32 @@ class Client(ClientCore):
                 self._broken(exc)
 
     def _broken(self, exc: BaseException) -> None:
-        self.closed = True
-        raise errors.SessionClosed(f"connection to the broker was lost: {exc}") from None
+        if not self.reconnect:
+            self.closed = True
+            raise errors.SessionClosed(f"connection to the broker was lost: {exc}") from None
+        self._lose(exc)
+        assert self._lost is not None
+        raise self._lost
+
+    def _lose(self, exc: BaseException) -> None:
+        """With reconnect: the session is gone; requests in flight get a retryable error."""
+        if self._lost is None:
+            self._lost = errors.BrokerUnavailable(
+                f"the connection to the broker was lost ({exc}); a request in flight may or may not have run "
+                "(its outputs are not to be trusted); the client connects again on its next call",
+                detail={"retryable": True})
+            self._drop_transport()
+
+    def _drop_transport(self) -> None:
+        if self._rings is not None:
+            self._poll.unregister(self._rings.wake_tenant)
+            self._rings.close()
+            self._rings = None
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._replies.clear()  # replies of the old session never come
 
     def _recv(self, deadline: float | None) -> bytes | None:
         """Bytes from the broker, or ``_RING`` when completions wait on the ring: spin for
@@ -150,6 +195,8 @@ class Client(ClientCore):
                 if self._session_error is not None:  # the broker is closing us: no reply will come
                     raise self._session_error
                 self._check_open()
+                if self._lost is not None:
+                    raise self._lost
                 try:
                     data = self._recv(deadline)
                 except OSError as exc:
@@ -163,19 +210,23 @@ class Client(ClientCore):
                     continue
                 if not data:
                     self._broken(ConnectionResetError("broker closed the connection"))
-                for body in self._decoder.feed(data):
-                    msg = decode_broker(body)
-                    r = getattr(msg, "req", 0)
-                    if r == 0 and isinstance(msg, Error):
-                        # About the session, not a request (the broker is closing it). Replies that
-                        # came before it still count: raise it only for requests left unanswered.
-                        self._session_error = errors.from_wire(msg.code, msg.message, msg.detail)
-                        continue
-                    if r in self._ignored:
-                        self._ignored.discard(r)
-                        continue
-                    self._replies[r] = msg
+                self._absorb(data)
             return self._replies.pop(req)
+
+    def _absorb(self, data: bytes) -> None:
+        """File the frames in ``data``: replies by request id, a session-wide error aside."""
+        for body in self._decoder.feed(data):
+            msg = decode_broker(body)
+            r = getattr(msg, "req", 0)
+            if r == 0 and isinstance(msg, Error):
+                # About the session, not a request (the broker is closing it). Replies that
+                # came before it still count: raise it only for requests left unanswered.
+                self._session_error = errors.from_wire(msg.code, msg.message, msg.detail)
+                continue
+            if r in self._ignored:
+                self._ignored.discard(r)
+                continue
+            self._replies[r] = msg
 
     def _request(self, msg: Any, fd: int | None = None) -> BrokerMessage:
         with self._lock:
@@ -186,16 +237,21 @@ class Client(ClientCore):
     def arena(self, size: int) -> Arena:
         """A new shared-memory arena of ``size`` bytes, registered with the broker."""
         self._check_open()
-        fd, mm = create_segment(size)
-        try:
-            reply = self._request(self.register_arena_msg(size), fd)
-        except BaseException:
-            mm.close()
-            raise
-        finally:
-            close_fd(fd)
-        arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
-        self._arenas.append(arena)
+        with self._lock:
+            self._revive()
+            fd, mm = create_segment(size)
+            try:
+                reply = self._request(self.register_arena_msg(size), fd)
+                arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
+            except BaseException:
+                mm.close()
+                close_fd(fd)
+                raise
+            if self.reconnect:
+                self._arena_fds[id(arena)] = fd  # to hand the same memory to a restarted broker
+            else:
+                close_fd(fd)
+            self._arenas.append(arena)
         return arena
 
     def array(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -206,7 +262,13 @@ class Client(ClientCore):
         return self.arena(nbytes).array(shape_t, dt)
 
     def _release_arena(self, arena: Arena) -> None:
+        fd = self._arena_fds.pop(id(arena), None)
+        if fd is not None:
+            close_fd(fd)
         if not self.closed:
+            if self._lost is not None:  # nothing to tell a broker that is gone; not registered again
+                self.release_arena_msg(arena)
+                return
             raise_if_error(self._request(self.release_arena_msg(arena)))
 
     # -- libraries and residents -------------------------------------------------------------
@@ -223,15 +285,28 @@ class Client(ClientCore):
         table; PTX and fatbin by the sizes a GPU's driver reports) and CUDA C's against its source.
         """
         msg = self.library_msg(code, kernels, format, name, options, access, hosts)
-        return self.library_result(msg, self._request(msg))
+        with self._lock:
+            self._revive()
+            lib = self.library_result(msg, self._request(msg))
+            if self.reconnect:
+                self._library_msgs[lib.digest] = msg
+        return lib
 
     def resident(self, arr: np.ndarray) -> Resident:
         """Make ``arr``'s current contents a device-resident buffer (cached by content)."""
-        msg = self.resident_msg(arr)
-        return self.resident_result(arr, self._request(msg))
+        with self._lock:
+            self._revive()
+            msg = self.resident_msg(arr)
+            res = self.resident_result(arr, self._request(msg))
+            if self.reconnect:
+                self._resident_arrays[res.digest] = (arr, msg.digest)
+        return res
 
     def release_resident(self, res: Resident) -> None:
-        raise_if_error(self._request(ReleaseResident(self.next_req(), res.digest)))
+        with self._lock:
+            self._revive()
+            self._resident_arrays.pop(res.digest, None)
+            raise_if_error(self._request(ReleaseResident(self.next_req(), res.digest)))
         self.forget_prepared()  # graphs that named it must be checked again
 
     # -- graphs ------------------------------------------------------------------------------
@@ -244,6 +319,7 @@ class Client(ClientCore):
         ``trace=True`` asks every hop to stamp the request (``RunResult.hops``).
         """
         with self._lock:
+            self._revive()
             handle = self.prepared_handle(graph)
             if handle is None:  # first run, or the graph changed: validate its structure once
                 version = graph.version
@@ -265,6 +341,7 @@ class Client(ClientCore):
     def prepare(self, graph: Graph) -> int:
         """Validate ``graph`` with the broker now (``run`` does it on first use); returns its handle."""
         with self._lock:
+            self._revive()
             handle = self.prepared_handle(graph)
             if handle is None:
                 handle = self.prepared(graph, graph.version, self._request(self.prepare_msg(graph)))
@@ -276,19 +353,25 @@ class Client(ClientCore):
 
     # -- misc --------------------------------------------------------------------------------
     def ping(self) -> float:
-        t0 = time.perf_counter()
-        raise_if_error(self._request(Ping(self.next_req())))
-        return time.perf_counter() - t0
+        with self._lock:
+            self._revive()
+            t0 = time.perf_counter()
+            raise_if_error(self._request(Ping(self.next_req())))
+            return time.perf_counter() - t0
 
     def status(self) -> dict[str, Any]:
-        reply = self._request(Status(self.next_req()))
+        with self._lock:
+            self._revive()
+            reply = self._request(Status(self.next_req()))
         raise_if_error(reply)
         assert isinstance(reply, StatusReply)
         return reply.info
 
     def admin(self, command: str, **args: Any) -> Any:
         """An administrator's command (root or the broker's admin group); see ``kaasctl``."""
-        reply = self._request(Admin(self.next_req(), command, args))
+        with self._lock:
+            self._revive()
+            reply = self._request(Admin(self.next_req(), command, args))
         raise_if_error(reply)
         assert isinstance(reply, StatusReply)
         return reply.info["result"]
@@ -341,10 +424,84 @@ class Client(ClientCore):
         for a in self._arenas:
             a.closed = True
         self._arenas.clear()
+        for fd in self._arena_fds.values():
+            close_fd(fd)
+        self._arena_fds.clear()
         try:
             self._sock.close()
         except OSError:
             pass
+
+    # -- reconnecting --------------------------------------------------------------------------
+    def _revive(self) -> None:
+        """After the broker went away (with ``reconnect``): connect again, with back-off, and
+        register this client's arenas, libraries and residents on the new session."""
+        if not self.reconnect:
+            return
+        if self._lost is None:  # a broker that stopped meanwhile: its goodbye waits on the socket
+            try:
+                data = self._sock.recv(1 << 20)
+                if data:
+                    self._absorb(data)
+                if not data or isinstance(self._session_error, (errors.ShuttingDown, errors.SessionClosed)):
+                    self._lose(ConnectionResetError("the broker closed the session"))
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._lose(exc)
+        if self._lost is None:
+            return
+        deadline = time.monotonic() + (self.timeout or 60.0)
+        pause = 0.05
+        while True:
+            try:
+                sock, welcome, decoder, extra = _handshake(self._path, self._hello, self.timeout)
+                break
+            except (errors.BrokerUnavailable, OSError):
+                if time.monotonic() + pause > deadline:
+                    raise self._lost from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        sock.setblocking(False)
+        self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._decoder = decoder
+        self._session_error = None
+        self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
+        self.max_frame = welcome.max_frame
+        self._lost = None
+        for body in extra:
+            m = decode_broker(body)
+            self._replies[getattr(m, "req", 0)] = m
+        self._restore()
+
+    def _restore(self) -> None:
+        """Register again what the lost session held; what cannot be is dropped (its use says so)."""
+        for arena in list(self._arenas):
+            fd = self._arena_fds.get(id(arena))
+            if fd is None or arena.closed:
+                continue
+            arena.id = self.arena_id(self._request(self.register_arena_msg(arena.size), fd))
+        self._arena_gen += 1  # located bindings name the old ids
+        self.forget_prepared()  # handles belonged to the old session: graphs prepare again
+        self._unused.clear()
+        self._run_structs.clear()
+        self._ignored.clear()
+        for digest, msg in list(self._library_msgs.items()):
+            reply = self._request(RegisterLibrary(self.next_req(), msg.format, msg.data, msg.kernels, msg.name,
+                                                  msg.options))
+            if isinstance(reply, Error):
+                del self._library_msgs[digest]  # its graphs get unknown_library
+        for key, (arr, raw) in list(self._resident_arrays.items()):
+            try:
+                put = self.resident_msg(arr) if digest_of(arr) == raw else None
+            except errors.KaasError:
+                put = None
+            if put is None or isinstance(self._request(put), Error):
+                del self._resident_arrays[key]  # changed since, or its arena is gone: unknown_resident
+        if self._want_rings:
+            self._open_rings()
 
     def __enter__(self) -> Client:
         return self
@@ -357,17 +514,9 @@ class Client(ClientCore):
             self.close()
 
 
-def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0,
-            spin_us: int | None = None, rings: bool | None = None) -> Client:
-    """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
-
-    ``timeout`` bounds each request's wait (None waits forever); graphs with their own
-    ``timeout=`` wait that long plus a grace period for the broker's verdict.  ``spin_us``:
-    how long to busy-poll for a reply before sleeping (default ``$KAAS_SPIN_US``, else what
-    the broker suggests: non-zero only where it drives GPUs).  ``rings``: runs and completions
-    travel through shared-memory rings (default, unless ``$KAAS_RINGS=0``), else as frames.
-    """
-    path = default_path(path)
+def _handshake(path: str, client: str, timeout: float | None) -> tuple[socket.socket, Welcome, FrameDecoder,
+                                                                       list[bytes]]:
+    """Connect to ``path`` and say hello: the socket, the broker's welcome, and frames after it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -388,11 +537,36 @@ def connect(path: str | None = None, *, client: str = "tenantlib", timeout: floa
     except BaseException:
         sock.close()
         raise
+    return sock, msg, decoder, bodies[1:]
+
+
+def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0,
+            spin_us: int | None = None, rings: bool | None = None, reconnect: bool = False) -> Client:
+    """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
+
+    ``timeout`` bounds each request's wait (None waits forever); graphs with their own
+    ``timeout=`` wait that long plus a grace period for the broker's verdict.  ``spin_us``:
+    how long to busy-poll for a reply before sleeping (default ``$KAAS_SPIN_US``, else what
+    the broker suggests: non-zero only where it drives GPUs).  ``rings``: runs and completions
+    travel through shared-memory rings (default, unless ``$KAAS_RINGS=0``), else as frames.
+
+    ``reconnect=True``: when the broker goes away (a restart, an upgrade, a crash), each request
+    in flight fails with ``BrokerUnavailable`` (``detail["retryable"]``: it may or may not have
+    run, so the tenant decides whether to run it again), and the next call connects again with
+    back-off (up to ``timeout``), registers this client's arenas, libraries and (unchanged)
+    residents on the new session, and prepares graphs again as they run.  It keeps each arena's
+    file descriptor open to do so.  Off by default: a tenant must be written to treat that error
+    as "unknown outcome", which a plain ``SessionClosed`` never asked of it.
+    """
+    path = default_path(path)
+    sock, msg, decoder, extra = _handshake(path, client, timeout)
     c = Client(sock, msg, decoder, timeout, spin_us)
-    for extra in bodies[1:]:
-        reply = decode_broker(extra)
+    c.reconnect, c._path, c._hello = reconnect, path, client
+    for body in extra:
+        reply = decode_broker(body)
         c._replies[getattr(reply, "req", 0)] = reply
     if rings if rings is not None else os.environ.get("KAAS_RINGS", "1") != "0":
+        c._want_rings = True
         try:
             c._open_rings()
         except BaseException:

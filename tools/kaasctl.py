@@ -1,7 +1,8 @@
 """``kaasctl``: administer a running kaas broker (root or the broker's ``admin_group``).
 
     kaasctl [--socket PATH] [--json] status                 devices, workers, memory, queue, counters
-    kaasctl [--socket PATH] [--json] tenants                share of device time, quota use, queue
+    kaasctl [--socket PATH] [--json] tenants                every tenant since start: graphs, errors,
+                                                            share of device time, quota use, queue
     kaasctl [--socket PATH] [--json] residents              resident buffers and where they are
     kaasctl [--socket PATH] drain DEVICE | undrain DEVICE   stop / resume placing new graphs on a device
     kaasctl [--socket PATH] reload                          re-read the config (as SIGHUP does)
@@ -11,6 +12,10 @@
 
 The socket defaults to $KAAS_SOCKET, else /run/kaas/broker.sock. Tables for people by default,
 ``--json`` for scripts.
+
+Restarting the broker (``systemctl restart kaas-broker``) is safe: running graphs finish, queued
+ones are refused with shutting_down, and tenants connected with ``reconnect=True`` carry on with
+the new broker (README, Operations).
 """
 
 from __future__ import annotations
