@@ -13,6 +13,7 @@ import asyncio
 import collections
 import ctypes
 import fcntl
+import functools
 import hashlib
 import os
 import stat
@@ -63,6 +64,15 @@ def _raise_unless_lost(outcomes: list[Any]) -> None:
 def _ignore(_: object) -> None:
     pass
 
+
+def _unloaded(device: str, digest: str, outcome: object) -> None:
+    """A worker's answer to an unload: a refusal leaves the module loaded there; say so."""
+    code = outcome.code if isinstance(outcome, WReply) else ""
+    if isinstance(outcome, errors.KaasError) and not isinstance(outcome, errors.WorkerLost):
+        code = outcome.code
+    if code:
+        log.warning("library_unload_failed", device=device, library=digest[:16], code=code)
+
 @dataclass(eq=False, slots=True)
 class ArenaRecord:
     """A tenant's shared-memory segment, mapped in every worker. The broker keeps the fd."""
@@ -85,7 +95,7 @@ class LibraryRecord:
     options: tuple[str, ...]
     log: str = ""
     ready: asyncio.Future[None] | None = None
-    holders: set[str] = field(default_factory=set)  # tenants that registered it and still hold it
+    holders: set[str] = field(default_factory=set)  # tenants that registered (or are registering) it and hold it
     refs: int = 0  # live prepared graphs (of any tenant) that use it: never evicted while > 0
 
 @dataclass(eq=False, slots=True)
@@ -111,6 +121,7 @@ class TenantState:
     library_refs: dict[str, int] = field(default_factory=dict)  # digest -> its live prepared graphs using it
     library_bytes: int = 0
     prepared: int = 0  # live prepared graphs over all its sessions
+    residents_pending: int = 0  # resident registrations under way (counted against its limit)
     residents: dict[str, ResidentRecord] = field(default_factory=dict)
     # What validation reads, kept in step with the two above:
     library_sigs: dict[str, dict[str, KernelSpec]] = field(default_factory=dict)
@@ -143,6 +154,10 @@ class PreparedRecord:
     residents: tuple[ResidentRecord, ...] = ()
     vstruct: struct.Struct = struct.Struct("<")  # how its literal values travel in ring records
     run_st: struct.Struct = struct.Struct("<")   # its whole run record to a worker
+    # What it holds a reference on (the objects, not names: a tenant or library of the same
+    # name or digest may be a new one by the time this graph is forgotten).
+    state: TenantState | None = None
+    libs: tuple[LibraryRecord, ...] = ()
 
 def library_digest(fmt: str, data: bytes, kernels: Iterable[KernelSpec], options: Iterable[str]) -> str:
     h = hashlib.blake2b(digest_size=32)
@@ -332,11 +347,30 @@ class Registry(EngineBase):
         rec = self.libraries.get(digest)
         cached = digest in tenant.libraries  # never reveal what other tenants registered
         if not cached:
-            self._room_for_tenant(tenant, len(data))
-            if rec is None:
-                self._room_in_cache(len(data))
+            self._make_room(tenant, len(data), new_in_cache=rec is None)
+            # Reserved before any await: concurrent registrations of this tenant see it counted,
+            # and a record a tenant holds is never dropped from the cache.
+            tenant.libraries[digest] = None
+            tenant.library_bytes += len(data)
+            if rec is not None:
+                rec.holders.add(tenant.name)
+        try:
+            return await self._load_library(tenant, digest, rec, fmt, data, kernels, specs, options, cached)
+        except BaseException:
+            if not cached and digest in tenant.libraries and digest not in tenant.library_sigs:
+                del tenant.libraries[digest]  # the reservation of a registration that failed
+                tenant.library_bytes -= len(data)
+                lib = self.libraries.get(digest)
+                if lib is not None:
+                    lib.holders.discard(tenant.name)
+            raise
+
+    async def _load_library(self, tenant: TenantState, digest: str, rec: LibraryRecord | None, fmt: str,
+                            data: bytes, kernels: tuple[KernelSpec, ...], specs: dict[str, KernelSpec],
+                            options: tuple[str, ...], cached: bool) -> tuple[str, bool, str]:
         if rec is None:
             rec = LibraryRecord(digest, fmt, data, specs, tuple(options))
+            rec.holders.add(tenant.name)
             rec.ready = asyncio.get_running_loop().create_future()
             self.libraries[digest] = rec
             try:
@@ -356,36 +390,76 @@ class Registry(EngineBase):
         else:
             assert rec.ready is not None
             await asyncio.shield(rec.ready)
-        self.libraries.pop(digest, None)  # most recently used last (it may have been dropped meanwhile)
-        self.libraries[digest] = rec
-        if digest not in tenant.libraries:
-            tenant.libraries[digest] = None
+        if self.libraries.get(digest) is rec:  # held while loading, so never dropped meanwhile
+            self.libraries[digest] = self.libraries.pop(digest)  # most recently used last
+        if digest not in tenant.library_sigs:
             tenant.library_sigs[digest] = rec.kernels
-            tenant.library_bytes += len(rec.data)
             tenant.gen += 1
-        else:
+        if digest in tenant.libraries:
             tenant.libraries[digest] = tenant.libraries.pop(digest)
+        else:  # let go of while this registration waited: held again
+            tenant.libraries[digest] = None
+            tenant.library_bytes += len(rec.data)
         rec.holders.add(tenant.name)
         return digest, cached, rec.log
 
     # -- the bounded library cache ---------------------------------------------------------------
-    def _room_for_tenant(self, tenant: TenantState, nbytes: int) -> None:
-        """Make room for one more library of ``nbytes`` in ``tenant``'s limits, letting go of its
-        least recently used libraries that none of its prepared graphs use; QuotaExceeded if it cannot."""
+    def _make_room(self, tenant: TenantState, nbytes: int, *, new_in_cache: bool) -> None:
+        """Room for one more library of ``nbytes``: within ``tenant``'s limits by letting go of its
+        least recently used libraries that none of its prepared graphs uses, and (``new_in_cache``)
+        within the broker's by dropping least recently used ones no tenant holds or uses.  Planned
+        whole first: a registration that cannot fit is refused, naming the limit, and costs nothing."""
         cfg = self.config
-        for limit, name, over in (
-                (cfg.tenant_max_libraries, "tenant_max_libraries", lambda: len(tenant.libraries) + 1 > cfg.tenant_max_libraries),
-                (cfg.tenant_max_library_bytes, "tenant_max_library_bytes",
-                 lambda: tenant.library_bytes + nbytes > cfg.tenant_max_library_bytes)):
-            while over():
-                victim = next((d for d in tenant.libraries if not tenant.library_refs.get(d)), None)
-                if victim is None or nbytes > cfg.tenant_max_library_bytes:
-                    held = f"{len(tenant.libraries)} libraries of {tenant.library_bytes} bytes"
-                    raise errors.QuotaExceeded(
-                        f"tenant holds {held}, each used by a prepared graph; a library of {nbytes} bytes more "
-                        f"would pass {name} = {limit} (release graphs, or raise the limit)",
-                        detail={"limit": name, "value": limit})
-                self._let_go(tenant, victim)
+        victims: list[str] = []
+        count, held = len(tenant.libraries), tenant.library_bytes
+        if nbytes > cfg.tenant_max_library_bytes:
+            raise self._over("tenant_max_library_bytes", cfg.tenant_max_library_bytes,
+                             f"a library of {nbytes} bytes is larger than a tenant may hold")
+        candidates = iter([d for d in tenant.libraries if not tenant.library_refs.get(d)
+                           and d in tenant.library_sigs])  # not a reservation under way
+        while count + 1 > cfg.tenant_max_libraries or held + nbytes > cfg.tenant_max_library_bytes:
+            d = next(candidates, None)
+            if d is None:
+                name, limit = (("tenant_max_libraries", cfg.tenant_max_libraries)
+                               if count + 1 > cfg.tenant_max_libraries
+                               else ("tenant_max_library_bytes", cfg.tenant_max_library_bytes))
+                raise self._over(name, limit, f"tenant holds {len(tenant.libraries)} libraries of "
+                                              f"{tenant.library_bytes} bytes, each used by a prepared graph: "
+                                              "no room for one more")
+            victims.append(d)
+            count -= 1
+            rec = self.libraries.get(d)
+            held -= len(rec.data) if rec is not None else 0
+        drops: list[LibraryRecord] = []
+        if new_in_cache:
+            if nbytes > cfg.max_library_bytes:
+                raise self._over("max_library_bytes", cfg.max_library_bytes,
+                                 f"a library of {nbytes} bytes is larger than the broker's library cache",
+                                 "ask for a higher limit")
+            lost = set(victims)
+            total = sum(len(r.data) for r in self.libraries.values())
+            entries = len(self.libraries)
+            pool = iter([r for r in self.libraries.values()
+                         if not r.refs and r.ready is not None and r.ready.done()
+                         and (not r.holders or (r.holders == {tenant.name} and r.digest in lost))])
+            while entries + 1 > cfg.max_libraries or total + nbytes > cfg.max_library_bytes:
+                r = next(pool, None)
+                if r is None:
+                    name, limit = (("max_libraries", cfg.max_libraries) if entries + 1 > cfg.max_libraries
+                                   else ("max_library_bytes", cfg.max_library_bytes))
+                    raise self._over(name, limit, "the broker's library cache is full", "try again later")
+                drops.append(r)
+                entries -= 1
+                total -= len(r.data)
+        for d in victims:
+            self._let_go(tenant, d)
+        for r in drops:
+            self._drop_library(r)
+
+    @staticmethod
+    def _over(name: str, limit: int, what: str, then: str = "release graphs, or ask for a higher limit"
+              ) -> errors.QuotaExceeded:
+        return errors.QuotaExceeded(f"{what} ({name} = {limit}); {then}", detail={"limit": name, "value": limit})
 
     def _let_go(self, tenant: TenantState, digest: str) -> None:
         """``tenant`` no longer holds library ``digest`` (its graphs must register it again)."""
@@ -399,28 +473,12 @@ class Registry(EngineBase):
             rec.holders.discard(tenant.name)
         self.stats["library_evictions"] += 1
 
-    def _room_in_cache(self, nbytes: int) -> None:
-        """Make room for one more library in the broker's cache: drop least recently used ones that
-        no tenant holds and no prepared graph uses (cached for a tenant that comes back); else refuse."""
-        cfg = self.config
-        total = sum(len(r.data) for r in self.libraries.values())
-        while len(self.libraries) + 1 > cfg.max_libraries or total + nbytes > cfg.max_library_bytes:
-            victim = next((r for r in self.libraries.values()
-                           if not r.holders and not r.refs and r.ready is not None and r.ready.done()), None)
-            if victim is None or nbytes > cfg.max_library_bytes:
-                name, limit = (("max_libraries", cfg.max_libraries) if len(self.libraries) + 1 > cfg.max_libraries
-                               else ("max_library_bytes", cfg.max_library_bytes))
-                raise errors.QuotaExceeded(f"the broker's library cache is full ({name} = {limit}); try again later",
-                                           detail={"limit": name, "value": limit})
-            total -= len(victim.data)
-            self._drop_library(victim)
-
     def _drop_library(self, rec: LibraryRecord) -> None:
         """Forget a library no one holds or uses, in the broker and on every device."""
         del self.libraries[rec.digest]
         for w in self.workers.values():
             if w.alive:
-                w.send_cb(WUnloadLibrary(w.next_seq(), rec.digest), _ignore)
+                w.send_cb(WUnloadLibrary(w.next_seq(), rec.digest), functools.partial(_unloaded, w.device, rec.digest))
         self.stats["library_drops"] += 1
 
     # -- residents -------------------------------------------------------------------------
@@ -431,10 +489,18 @@ class Registry(EngineBase):
         if rec is not None:
             return rec, True
         limit = self.config.tenant_max_residents
-        if len(tenant.residents) >= limit:
+        if len(tenant.residents) + tenant.residents_pending >= limit:
             raise errors.QuotaExceeded(f"tenant holds {len(tenant.residents)} resident buffers "
                                        f"(tenant_max_residents = {limit})",
                                        detail={"limit": "tenant_max_residents", "value": limit})
+        tenant.residents_pending += 1  # counted while this registration awaits its copy
+        try:
+            return await self._put_resident(tenant, arena, offset, nbytes, digest, key)
+        finally:
+            tenant.residents_pending -= 1
+
+    async def _put_resident(self, tenant: TenantState, arena: ArenaRecord, offset: int, nbytes: int,
+                            digest: bytes, key: str) -> tuple[ResidentRecord, bool]:
         if len(self.arenas) + len(self.residents) >= self.fd_budget:
             raise errors.QuotaExceeded("the broker cannot take more resident buffers now; try again later")
         fd = os.memfd_create("kaas-resident", os.MFD_CLOEXEC)
@@ -491,6 +557,7 @@ class Registry(EngineBase):
                 detail={"limit": "tenant_max_prepared", "value": self.config.tenant_max_prepared})
         residents = tuple(self.residents[r] for r in template.residents)
         tenant.prepared += 1
+        libs = []
         for d in template.libraries:  # in use: not evicted while this graph lives; and recently used
             tenant.library_refs[d] = tenant.library_refs.get(d, 0) + 1
             if d in tenant.libraries:
@@ -498,12 +565,14 @@ class Registry(EngineBase):
             rec = self.libraries.get(d)
             if rec is not None:
                 rec.refs += 1
+                libs.append(rec)
                 self.libraries[d] = self.libraries.pop(d)
         self.stats["prepared"] += 1
         self.stats["prepared_live"] += 1
         kinds = template.literal_kinds
         return PreparedRecord(next(self._ids), template, tenant.name, residents=residents,
-                              vstruct=values_struct(kinds), run_st=run_struct(len(template.arena_buffers), kinds))
+                              vstruct=values_struct(kinds), run_st=run_struct(len(template.arena_buffers), kinds),
+                              state=tenant, libs=tuple(libs))
 
     def release_prepared(self, rec: PreparedRecord) -> None:
         """Its session let go: workers forget it once no run uses it."""
@@ -515,15 +584,14 @@ class Registry(EngineBase):
 
     def _forget_prepared(self, rec: PreparedRecord) -> None:
         self.stats["prepared_live"] -= 1
-        st = self.tenants.get(rec.tenant)
+        st = rec.state
         if st is not None:
             st.prepared -= 1
-        for d in rec.template.libraries:
-            if st is not None and st.library_refs.get(d):
-                st.library_refs[d] -= 1
-            lib = self.libraries.get(d)
-            if lib is not None:
-                lib.refs -= 1
+            for d in rec.template.libraries:
+                if st.library_refs.get(d):
+                    st.library_refs[d] -= 1
+        for lib in rec.libs:
+            lib.refs -= 1
         for w in self.workers.values():
             if rec.gid in w.prepared:
                 w.prepared.discard(rec.gid)

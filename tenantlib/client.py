@@ -49,7 +49,8 @@ from .graph import Graph, Library, Resident
 from .kernel_specs import AccessArg, KernelsArg
 from .rings import ClientRings
 
-_RING = b"\0ring"  # what _recv returns when completions wait on the ring (never socket bytes)
+_RING = b"\0ring"
+_REMEMBERED_LIBRARIES = 256  # libraries a reconnecting client registers again (the broker's default tenant limit)  # what _recv returns when completions wait on the ring (never socket bytes)
 
 
 class PendingRun:
@@ -95,6 +96,8 @@ class Client(ClientCore):
         self._hello = "tenantlib"
         self._want_rings = False
         self._lost: errors.KaasError | None = None  # the broker went away; the next call reconnects
+        self._loss: errors.KaasError | None = None  # the last such loss: the answer for its old requests
+        self._old_reqs = 0  # requests up to this id were sent to a lost session: no reply will come
         self._arena_fds: dict[int, int] = {}          # id(arena) -> its segment's fd, kept open
         self._library_msgs: dict[str, RegisterLibrary] = {}  # digest -> how it was registered
         self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}  # digest hex -> (array, digest)
@@ -133,12 +136,13 @@ class Client(ClientCore):
         raise self._lost
 
     def _lose(self, exc: BaseException) -> None:
-        """With reconnect: the session is gone; requests in flight get a retryable error."""
+        """With reconnect: the session is gone; its requests still unanswered get a retryable error."""
         if self._lost is None:
-            self._lost = errors.BrokerUnavailable(
+            self._lost = self._loss = errors.BrokerUnavailable(
                 f"the connection to the broker was lost ({exc}); a request in flight may or may not have run "
                 "(its outputs are not to be trusted); the client connects again on its next call",
                 detail={"retryable": True})
+            self._old_reqs = self._req  # every request up to here belongs to the lost session
             self._drop_transport()
 
     def _drop_transport(self) -> None:
@@ -150,7 +154,6 @@ class Client(ClientCore):
             self._sock.close()
         except OSError:
             pass
-        self._replies.clear()  # replies of the old session never come
 
     def _recv(self, deadline: float | None) -> bytes | None:
         """Bytes from the broker, or ``_RING`` when completions wait on the ring: spin for
@@ -192,7 +195,12 @@ class Client(ClientCore):
         deadline = None if limit is None else time.monotonic() + limit
         with self._lock:
             while req not in self._replies:
+                if req <= self._old_reqs and self._loss is not None:  # sent to a session that is gone
+                    raise self._loss
                 if self._session_error is not None:  # the broker is closing us: no reply will come
+                    if self.reconnect:
+                        self._lose(ConnectionResetError(f"the broker closed the session: {self._session_error}"))
+                        continue
                     raise self._session_error
                 self._check_open()
                 if self._lost is not None:
@@ -262,14 +270,15 @@ class Client(ClientCore):
         return self.arena(nbytes).array(shape_t, dt)
 
     def _release_arena(self, arena: Arena) -> None:
-        fd = self._arena_fds.pop(id(arena), None)
-        if fd is not None:
-            close_fd(fd)
-        if not self.closed:
-            if self._lost is not None:  # nothing to tell a broker that is gone; not registered again
-                self.release_arena_msg(arena)
-                return
-            raise_if_error(self._request(self.release_arena_msg(arena)))
+        with self._lock:
+            fd = self._arena_fds.pop(id(arena), None)
+            if fd is not None:
+                close_fd(fd)
+            if not self.closed:
+                if self._lost is not None:  # nothing to tell a broker that is gone; not registered again
+                    self.release_arena_msg(arena)
+                    return
+                raise_if_error(self._request(self.release_arena_msg(arena)))
 
     # -- libraries and residents -------------------------------------------------------------
     def library(self, code: str | bytes, *, kernels: KernelsArg = None, format: str | None = None,
@@ -288,8 +297,11 @@ class Client(ClientCore):
         with self._lock:
             self._revive()
             lib = self.library_result(msg, self._request(msg))
-            if self.reconnect:
+            if self.reconnect:  # most recently registered last; a bounded record
+                self._library_msgs.pop(lib.digest, None)
                 self._library_msgs[lib.digest] = msg
+                while len(self._library_msgs) > _REMEMBERED_LIBRARIES:
+                    del self._library_msgs[next(iter(self._library_msgs))]
         return lib
 
     def resident(self, arr: np.ndarray) -> Resident:
@@ -421,6 +433,7 @@ class Client(ClientCore):
         if self._rings is not None:
             self._poll.unregister(self._rings.wake_tenant)
             self._rings.close()
+            self._rings = None
         for a in self._arenas:
             a.closed = True
         self._arenas.clear()
@@ -436,6 +449,7 @@ class Client(ClientCore):
     def _revive(self) -> None:
         """After the broker went away (with ``reconnect``): connect again, with back-off, and
         register this client's arenas, libraries and residents on the new session."""
+        self._check_open()
         if not self.reconnect:
             return
         if self._lost is None:  # a broker that stopped meanwhile: its goodbye waits on the socket
@@ -470,11 +484,18 @@ class Client(ClientCore):
         self._session_error = None
         self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
         self.max_frame = welcome.max_frame
+        # Nothing of the old session may be used on the new one: its prepared handles, its arena
+        # ids in located bindings, its handles waiting to be released, its ring record layouts.
+        self._arena_gen += 1
+        self.forget_prepared()
+        self._unused.clear()
+        self._run_structs.clear()
+        self._ignored.clear()
         self._lost = None
         for body in extra:
             m = decode_broker(body)
             self._replies[getattr(m, "req", 0)] = m
-        self._restore()
+        self._restore()  # a connection lost meanwhile marks the client lost again: the next call retries
 
     def _restore(self) -> None:
         """Register again what the lost session held; what cannot be is dropped (its use says so)."""
@@ -482,12 +503,14 @@ class Client(ClientCore):
             fd = self._arena_fds.get(id(arena))
             if fd is None or arena.closed:
                 continue
-            arena.id = self.arena_id(self._request(self.register_arena_msg(arena.size), fd))
+            reply = self._request(self.register_arena_msg(arena.size), fd)
+            if isinstance(reply, Error):  # refused by the new broker: its arrays say "closed" from now on
+                self.release_arena_msg(arena)
+                arena.closed = True
+                close_fd(self._arena_fds.pop(id(arena)))
+                continue
+            arena.id = self.arena_id(reply)
         self._arena_gen += 1  # located bindings name the old ids
-        self.forget_prepared()  # handles belonged to the old session: graphs prepare again
-        self._unused.clear()
-        self._run_structs.clear()
-        self._ignored.clear()
         for digest, msg in list(self._library_msgs.items()):
             reply = self._request(RegisterLibrary(self.next_req(), msg.format, msg.data, msg.kernels, msg.name,
                                                   msg.options))

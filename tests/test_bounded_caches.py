@@ -53,9 +53,11 @@ def test_when_every_library_is_in_use_the_next_is_refused_by_name(broker_factory
         assert info.value.detail["limit"] == "tenant_max_libraries"
         for g in graphs:
             c.run(g)  # nothing accepted before is lost
-        with pytest.raises(errors.QuotaExceeded, match="tenant_max_library_bytes"):
-            tenantlib.connect(broker_factory(_FAST + "tenant_max_library_bytes = 10\n").socket).library(
-                'extern "C" __global__ void null() {}', kernels=[_NULL])
+        with tenantlib.connect(broker_factory(_FAST + "tenant_max_library_bytes = 10\n").socket) as small:
+            with pytest.raises(errors.QuotaExceeded, match="tenant_max_library_bytes = 10") as info:
+                small.library('extern "C" __global__ void null() {}', kernels=[_NULL])
+            assert small.status()["stats"]["library_evictions"] == 0  # a refusal costs nothing
+            assert info.value.detail["limit"] == "tenant_max_library_bytes"
 
 
 def test_the_broker_cache_drops_libraries_no_tenant_holds(broker_factory: BrokerFactory) -> None:
@@ -94,3 +96,44 @@ def test_prepared_graphs_and_residents_per_tenant(broker_factory: BrokerFactory)
             c.resident(x)
         x[...] = 1.0
         assert c.resident(x).cached  # the one it holds is still there
+
+
+def test_concurrent_registrations_keep_to_the_limits(broker_factory: BrokerFactory) -> None:
+    import asyncio
+
+    b = broker_factory(_FAST + "tenant_max_libraries = 3\ntenant_max_residents = 2\n")
+
+    async def main() -> tuple[list[object], list[object]]:
+        c = await tenantlib.connect_async(b.socket)
+        try:
+            libs = await asyncio.gather(*(c.library(f'// lib {i}\nextern "C" __global__ void null() {{}}\n',
+                                                    kernels=[_NULL]) for i in range(10)), return_exceptions=True)
+            arrays = [await c.array(16) for _ in range(5)]
+            for i, a in enumerate(arrays):
+                a[...] = float(i)
+            res = await asyncio.gather(*(c.resident(a) for a in arrays), return_exceptions=True)
+            return list(libs), list(res)
+        finally:
+            await c.close()
+
+    libs, res = asyncio.run(main())
+    assert sum(isinstance(x, tenantlib.Library) for x in libs) == 3, libs  # all ten were in flight at once
+    assert all(isinstance(x, errors.QuotaExceeded) and x.detail["limit"] == "tenant_max_libraries"
+               for x in libs if not isinstance(x, tenantlib.Library))
+    assert sum(isinstance(x, tenantlib.Resident) for x in res) == 2, res
+    assert all(isinstance(x, errors.QuotaExceeded) and x.detail["limit"] == "tenant_max_residents"
+               for x in res if not isinstance(x, tenantlib.Resident))
+
+
+def test_a_tenant_over_its_bytes_lets_go_of_its_oldest(broker_factory: BrokerFactory) -> None:
+    src = 'extern "C" __global__ void null() {}\n' + "// padding\n" * 100
+    size = len(src.encode()) + 20
+    b = broker_factory(_FAST + f"tenant_max_library_bytes = {int(size * 2.5)}\n")
+    with tenantlib.connect(b.socket) as c:
+        first = c.library("// 0\n" + src, kernels=[_NULL])
+        c.library("// 1\n" + src, kernels=[_NULL])
+        assert c.status()["stats"]["library_evictions"] == 0
+        c.library("// 2\n" + src, kernels=[_NULL])  # a third would pass the bytes limit: the first goes
+        assert c.status()["stats"]["library_evictions"] == 1
+        with pytest.raises(errors.UnknownLibrary):
+            c.run(_graph(c, first))

@@ -42,12 +42,14 @@ def test_a_tenant_carries_on_after_the_broker_restarts(tmp_path: Path, broker_en
         with tenantlib.connect(b.socket, reconnect=True, timeout=60) as c:
             lib = c.library(_SLOW, kernels=[*kernels.KERNELS, testing.SLOW])
             rng = np.random.default_rng()
+            spare = c.arena(64)  # released before the restart: the others' ids shift on the new session
             x, y, z = c.array(1000), c.array(1000), c.array(1000)
             x[...], y[...] = rng.random(1000, dtype=np.float32), rng.random(1000, dtype=np.float32)
             res = c.resident(y)
             g = _vadd(c, lib, x, res, z)
             c.run(g)
             np.testing.assert_array_equal(z, x + y)
+            spare.close()
             slow = c.graph()
             slow.kernel(lib, "slow", grid=1, block=1, args=[3000])
             pending = c.submit(slow)
@@ -110,5 +112,29 @@ def test_with_no_broker_back_a_call_gives_up_after_its_timeout(tmp_path: Path, b
         b = _broker(tmp_path, broker_env)
         assert c.ping() > 0  # and the next call finds the new broker
         c.close()
+    finally:
+        b.stop()
+
+
+def test_a_request_of_the_lost_session_is_answered_at_once(tmp_path: Path, broker_env: dict[str, str]) -> None:
+    b = _broker(tmp_path, broker_env)
+    try:
+        c = tenantlib.connect(b.socket, reconnect=True, timeout=60)
+        lib = c.library(_SLOW, kernels=[*kernels.KERNELS, testing.SLOW])
+        slow = c.graph()
+        slow.kernel(lib, "slow", grid=1, block=1, args=[3000])
+        pending = c.submit(slow)
+        assert b.proc is not None
+        b.proc.kill()
+        b.proc.wait()
+        b.stop()
+        b = _broker(tmp_path, broker_env)
+        assert c.ping() > 0  # reconnects before anyone waited for the old request
+        with pytest.raises(errors.BrokerUnavailable) as info:
+            pending.result()  # no reply can come from the new broker: told at once, not at the timeout
+        assert info.value.detail["retryable"] is True
+        c.close()
+        with pytest.raises(errors.SessionClosed):
+            c.ping()  # a closed client does not open a new session
     finally:
         b.stop()

@@ -316,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     fz.add_argument("--check-every", type=int, default=1000, help="run a healthy tenant's graph this often")
     fz.set_defaults(func=cmd_fuzz, device="cpu")
 
-    from bench import contention
+    from bench import contention, soak
 
     contention.add_parser(sub)
+    soak.add_parser(sub)
 
     args = p.parse_args(argv)
     for name in ("iterations", "tenants"):

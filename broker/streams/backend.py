@@ -50,6 +50,11 @@ class Backend(abc.ABC):
         Raises CompileError (with ``detail['log']``), HostImplementationError, UnknownKernel.
         """
 
+    @property
+    def compile_arch(self) -> str:
+        """The architecture this backend compiles CUDA C for ('' when it does not compile)."""
+        return ""
+
     @abc.abstractmethod
     def unload_library(self, library: str) -> None:
         """Forget ``library`` (a no-op when absent); the broker asks only once no prepared graph

@@ -116,6 +116,10 @@ class CpuBackend(Backend):
         signatures.check_library(fmt, data, image, kernels, self.compile_check, options, self._cache, library)
         return str(log)
 
+    @property
+    def compile_arch(self) -> str:
+        return self.compile_check
+
     def unload_library(self, library: str) -> None:
         self._libraries.discard(library)
         for key in [k for k in self._kernels if k[0] == library]:

@@ -184,6 +184,10 @@ class CudaBackend(Backend):
         self._libraries[library] = lib
         return log
 
+    @property
+    def compile_arch(self) -> str:
+        return self.arch
+
     @guarded
     def unload_library(self, library: str) -> None:
         lib = self._libraries.get(library)

@@ -27,6 +27,7 @@ from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from ..records import TRACE, decode_run, decode_values, encode_done, values_struct
 from ..ring import Consumer, Producer, RingCorrupt, RingGeometry, drain, map_segment, wake
 from .backend import Backend, Completion
+from .precompile import Precompiler
 from .wire import (
     WEvictResident,
     WInfo,
@@ -102,6 +103,7 @@ class Worker:
         self.refused: dict[int, errors.KaasError] = {}
         self.running = True
         self.spin = spin  # seconds to busy-poll after the last command or completion
+        self.compiles = Precompiler(backend.compile_arch)  # CUDA C compiled off this loop
 
     def send(self, msg: Any) -> None:
         self.sock.sendall(encode(msg))
@@ -156,7 +158,15 @@ class Worker:
             raise errors.InternalError("command expected a file descriptor and none arrived")
         return self.fds.pop(0)
 
-    def handle(self, cmd: WorkerCommand) -> None:
+    def handle(self, cmd: WorkerCommand, compiled: bool = False) -> None:
+        """Carry out one command from the broker and answer it (a run answers when it completes).
+
+        A ``load`` of CUDA C is compiled in a thread first (``Precompiler``) and handled once that
+        is done (``compiled``): the broker waits for its reply before anything uses the library.
+        """
+        if isinstance(cmd, WLoadLibrary) and not compiled and self.compiles.wants(cmd):
+            self.compiles.start(cmd)
+            return
         try:
             if isinstance(cmd, WRun):
                 t = time.perf_counter() if cmd.trace else 0.0
@@ -254,6 +264,8 @@ class Worker:
                         last = clock()
             else:
                 timeout = min(0.001, idle / 4) if busy else None  # long device work: back off, up to 1 ms
+                if self.compiles.pending:
+                    timeout = 0.005 if timeout is None else min(timeout, 0.005)  # look in on the compiles
                 if rings is None:
                     r, _, _ = select.select([sfd], [], [], timeout)
                 else:
@@ -270,6 +282,10 @@ class Worker:
                 if rings is not None and rings.runs.ready():
                     if not self._ring_runs():
                         break
+                    last = clock()
+            if self.compiles.pending:
+                for cmd in self.compiles.finished():
+                    self.handle(cmd, compiled=True)
                     last = clock()
             done = backend.poll()
             if backend.poisoned:
