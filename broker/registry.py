@@ -424,8 +424,8 @@ class Registry(EngineBase):
                                if count + 1 > cfg.tenant_max_libraries
                                else ("tenant_max_library_bytes", cfg.tenant_max_library_bytes))
                 raise self._over(name, limit, f"tenant holds {len(tenant.libraries)} libraries of "
-                                              f"{tenant.library_bytes} bytes, each used by a prepared graph: "
-                                              "no room for one more")
+                                              f"{tenant.library_bytes} bytes, each used by a prepared graph "
+                                              "or still being registered: no room for one more")
             victims.append(d)
             count -= 1
             rec = self.libraries.get(d)
