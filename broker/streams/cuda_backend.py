@@ -186,7 +186,9 @@ class CudaBackend(Backend):
 
     @property
     def compile_arch(self) -> str:
-        return self.arch
+        # Compiling off the loop (``precompile``) is on for the CPU device, where it was tested;
+        # here it waits for a GPU run of the suite with it (return self.arch to turn it on).
+        return ""
 
     @guarded
     def unload_library(self, library: str) -> None:

@@ -7,7 +7,8 @@ command for CUDA C first warms the on-disk compile cache (the CUBIN and the prob
 names) in a thread; NVRTC releases the GIL while it compiles, and the loop goes on launching and
 completing graphs.  When the thread is done the command is handled as usual, hitting the cache.
 Whatever the thread hits (a compile error, a refused include) is left for that handling to
-raise, with its message, as before.
+raise, with its message, as before.  A backend opts in with ``Backend.compile_arch``: the CPU
+device does; the CUDA backend not yet (it has not been run on a GPU with this).
 """
 
 from __future__ import annotations
