@@ -15,7 +15,7 @@ are read from the compiled CUBIN (``__constant__`` values the wrapper exports).
 
 Needs ``pip install 'kaas[cutlass]'``: ``nvidia-cutlass`` 4.2 (its headers) and the CUDA headers
 it includes, of which CCCL must be 13.0 (``nvidia-cuda-cccl==13.0.*``): the CUTLASS 4.2 headers do
-not build against newer CCCL (seen with CCCL 3.3 and 3.5).  Compiling takes ~5 s per kernel on
+not build against newer CCCL (seen with CCCL 3.5, from nvidia-cuda-cccl 13.3.5).  Compiling takes ~5 s per kernel on
 a CPU and is cached on disk.  Hopper TMA (CUTLASS 3.x) GEMMs need host-encoded tensor maps and
 are not offered.
 """
