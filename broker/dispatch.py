@@ -67,6 +67,7 @@ class _Pending:
     verdict: str = ""                      # after its worker died: culprit | suspect | innocent
     culprit: errors.KaasError | None = None  # what a culprit is told
     attempts: int = 0                      # replays so far
+    isolated: bool = False                 # replayed alone, as a suspect: if its worker dies now, it did it
 
 
 class Dispatch(EngineBase):

@@ -82,15 +82,16 @@ class Supervision(EngineBase):
         """A worker died: judge the graphs it was running, then bring a fresh one up.
 
         Called before those graphs' replies fail, so ``_graph_done`` finds their verdicts: a graph
-        already named (past its deadline) is the culprit and the rest are innocent; a graph alone
-        on the worker is the culprit; several with no culprit named are suspects, each replayed
-        alone (a suspect that kills a worker while alone is the culprit).
+        already named (past its deadline) is the culprit and the rest are innocent; otherwise every
+        graph on the worker is a suspect, replayed alone, and a suspect that kills a worker while
+        alone is the culprit.  Even a graph alone on the worker is only a suspect the first time:
+        a worker killed from outside (an operator, the OOM killer) is not its fault.
         """
         running = [p for p in self._pending.values() if p.worker is worker]
         if worker.poisoned:
             pass  # it answered the graphs its fault touched; what is left never ran there
         elif running and not any(p.verdict == "culprit" for p in running):
-            if len(running) == 1:
+            if len(running) == 1 and running[0].isolated:
                 p = running[0]
                 p.verdict = "culprit"
                 p.culprit = errors.WorkerLost(
@@ -190,6 +191,7 @@ class Supervision(EngineBase):
         if verdict not in ("innocent", "suspect") or p.attempts >= self.config.replay_attempts:
             return False
         p.attempts += 1
+        p.isolated = verdict == "suspect"
         p.verdict, p.culprit, p.worker, p.dispatched = "", None, None, 0.0
         p.job.device = None
         self._pending[p.job.id] = p

@@ -70,3 +70,20 @@ def test_crashing_host_kernel_fails_its_graph_and_the_device_comes_back(broker_f
         y[...] = 2.0
         wait_for(lambda: other.status()["stats"]["worker_restarts"], lambda n: n >= 1, "the respawn")
         _vadd(other, lib, x, y, z)
+
+
+def test_a_worker_killed_from_outside_does_not_blame_the_graph_it_ran(broker_factory: BrokerFactory) -> None:
+    from tenantlib.kernels import testing
+
+    b = broker_factory('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n')
+    with tenantlib.connect(b.socket, timeout=60) as c:
+        lib = c.library(kernels.SOURCE + '\nextern "C" __global__ void slow(int ms) {}\n', kernels=[testing.SLOW])
+        g = c.graph()
+        g.kernel(lib, "slow", grid=1, block=1, args=[1500])
+        pending = c.submit(g)  # alone on the worker
+        worker = next(d["pid"] for d in c.status()["devices"])
+        wait_for(lambda: c.status()["devices"][0]["running"], lambda n: n == 1, "the graph on the worker")
+        os.kill(worker, signal.SIGKILL)  # an operator, or the OOM killer: not the graph's doing
+        pending.result()  # replayed alone, and it runs to the end
+        st = c.status()["stats"]
+        assert st["worker_restarts"] == 1 and st["replays"] == 1
