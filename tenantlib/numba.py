@@ -36,6 +36,7 @@ import numpy as np
 
 from broker import errors
 from broker.protocol import DTYPES, KernelSpec, Param
+from broker.streams.compiler import link_ptx
 from broker.streams.cubin import read_cubin
 from broker.streams.signatures import check_binary
 
@@ -147,29 +148,6 @@ def _spec_params(fn_name: str, names: list[str], types: list[Any],
     return params, arrays
 
 
-def _link(ptx: str, arch: str) -> bytes:
-    """PTX -> CUBIN for ``arch`` with nvJitLink (no GPU, no driver)."""
-    from cuda.bindings import nvjitlink
-
-    handle = nvjitlink.create(1, [f"-arch={arch}"])
-    try:
-        data = ptx.encode()
-        try:
-            nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "numba.ptx")
-            nvjitlink.complete(handle)
-        except nvjitlink.nvJitLinkError as exc:
-            log = bytearray(nvjitlink.get_error_log_size(handle))
-            nvjitlink.get_error_log(handle, log)
-            text = bytes(log).rstrip(b"\0").decode(errors="replace")
-            raise errors.CompileError(f"nvJitLink could not build a CUBIN for {arch}: {exc}\n{text}",
-                                      detail={"log": text, "arch": arch}) from None
-        cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
-        nvjitlink.get_linked_cubin(handle, cubin)
-        return bytes(cubin)
-    finally:
-        nvjitlink.destroy(handle)
-
-
 def build(fn: Any, signature: str | Any, *, arch: str = "", access: Mapping[str, str] | None = None,
           host: str = "", fastmath: bool = False) -> tuple[KernelSpec, tuple[tuple[int, str, int], ...], bytes]:
     """Compile without registering: the kaas signature, the array arguments, and the CUBIN."""
@@ -193,7 +171,7 @@ def build(fn: Any, signature: str | Any, *, arch: str = "", access: Mapping[str,
                                     fastmath=fastmath)
     except Exception as exc:  # Numba's typing and lowering errors are of many types; the tenant gets one
         raise errors.CompileError(f"Numba could not compile {pyfunc.__name__}: {exc}", detail={"log": str(exc)}) from None
-    cubin = _link(ptx, f"sm_{cc[0]}{cc[1]}")
+    cubin = link_ptx(ptx.encode(), f"sm_{cc[0]}{cc[1]}", "numba.ptx")
     entries = read_cubin(cubin)
     if len(entries) != 1:
         raise errors.CompileError(f"expected one kernel in Numba's CUBIN, found {len(entries)}", detail={"log": ""})

@@ -1,6 +1,6 @@
-"""CUDA C -> CUBIN with NVRTC (from PyPI), with an on-disk cache.
+"""CUDA C -> CUBIN with NVRTC (from PyPI), with an on-disk cache; PTX -> CUBIN with nvJitLink.
 
-Runs inside device workers (and tests), never in the broker process.  One error
+Runs inside device workers and tenant processes (front ends, tests), never in the broker.  One error
 boundary: NVRTC result codes become ``CompileError`` (tenant's source, with the log) or
 ``InternalError`` (the toolchain itself).  CUBIN, not PTX: PTX from a newer NVRTC is
 refused by an older driver, CUBIN for the device's own ``sm_XY`` loads.
@@ -219,6 +219,34 @@ def lowered_names(source: bytes, expressions: list[str], arch: str, options: tup
         return out
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def link_ptx(ptx: bytes, arch: str, name: str = "kernels.ptx") -> bytes:
+    """PTX -> CUBIN for ``arch`` with nvJitLink (no GPU, no driver): what a front end whose
+    compiler writes PTX (Numba) registers, since PTX newer than a driver knows would not load.
+
+    Raises CompileError with nvJitLink's log when the PTX is refused.
+    """
+    if not _ARCH.match(arch):
+        raise InternalError(f"not a CUDA architecture: {arch!r} (expected like 'sm_90')")
+    from cuda.bindings import nvjitlink
+
+    handle = nvjitlink.create(1, [f"-arch={arch}"])
+    try:
+        try:
+            nvjitlink.add_data(handle, nvjitlink.InputType.PTX, ptx, len(ptx), name)
+            nvjitlink.complete(handle)
+        except nvjitlink.nvJitLinkError as exc:
+            log = bytearray(nvjitlink.get_error_log_size(handle))
+            nvjitlink.get_error_log(handle, log)
+            text = bytes(log).rstrip(b"\0").decode(errors="replace")
+            raise CompileError(f"nvJitLink could not build a CUBIN for {arch}: {exc}\n{text}",
+                               detail={"log": text, "arch": arch}) from None
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
+        nvjitlink.get_linked_cubin(handle, cubin)
+        return bytes(cubin)
+    finally:
+        nvjitlink.destroy(handle)
 
 
 def default_cache_dir() -> Path:
