@@ -8,7 +8,7 @@ names) in a thread; NVRTC releases the GIL while it compiles, and the loop goes 
 completing graphs.  When the thread is done the command is handled as usual, hitting the cache.
 Whatever the thread hits (a compile error, a refused include) is left for that handling to
 raise, with its message, as before.  A backend opts in with ``Backend.compile_arch``: the CPU
-device does; the CUDA backend not yet (it has not been run on a GPU with this).
+device and the CUDA backend both do.
 """
 
 from __future__ import annotations
