@@ -6,12 +6,13 @@ credentials before anything here runs. Every command returns plain JSON-able dat
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import errors
 from .engine import Engine
 
-COMMANDS = ("status", "tenants", "residents", "drain", "undrain", "reload", "quarantine_list", "quarantine_clear")
+COMMANDS = ("status", "tenants", "residents", "memory", "drain", "undrain", "reload", "quarantine_list", "quarantine_clear")
 
 
 def status(engine: Engine) -> dict[str, Any]:
@@ -56,6 +57,28 @@ def residents(engine: Engine) -> list[dict[str, Any]]:
              "in_use": r.inflight} for r in engine.residents.values()]
 
 
+async def memory(engine: Engine) -> list[dict[str, Any]]:
+    """Per device, the broker's accounting (what quotas and eviction decide by: resident copies,
+    and the memory reserved for graphs on the device) beside what the worker itself holds and what
+    the device reports.  The worker's part is None while it is down or does not answer."""
+    from .streams.wire import WInfo
+
+    rows = []
+    for name, w in engine.workers.items():
+        usage: dict[str, int] | None = None
+        if w.alive:
+            try:
+                reply = await asyncio.wait_for(w.call(WInfo(w.next_seq())), 5.0)
+                usage = dict(reply.info.get("usage") or {})
+            except (errors.KaasError, TimeoutError):
+                usage = None
+        rows.append({"device": name, "accounted": engine.pool.used(name),
+                     "accounted_residents": engine.pool.resident_bytes(name),
+                     "accounted_graphs": engine.pool.reserved_bytes(name),
+                     "capacity": engine.pool.capacity(name), "worker": usage})
+    return rows
+
+
 def quarantine_list(engine: Engine) -> list[dict[str, Any]]:
     return [{"tenant": t, "library": lib, "kernel": k, "since": since, "faults": engine.strikes.get((t, lib, k), 0)}
             for (t, lib, k), since in sorted(engine.quarantined.items())]
@@ -69,6 +92,8 @@ async def run(engine: Engine, command: str, args: dict[str, Any]) -> Any:
         return tenants(engine)
     if command == "residents":
         return residents(engine)
+    if command == "memory":
+        return await memory(engine)
     if command in ("drain", "undrain"):
         device = args.get("device")
         if device not in engine.workers:

@@ -62,8 +62,24 @@ class PendingRun:
         self._sent = sent
         self._limit = limit
         self._result: RunResult | None = None
+        self._reply: BrokerMessage | None = None  # taken by done(), turned into a result by result()
+        self._received = 0.0
+
+    def done(self, timeout: float = 0.0) -> bool:
+        """Whether the reply is in, waiting up to ``timeout`` seconds for it (0: look and return).
+
+        Open-loop senders use it to collect what finished without blocking on the oldest run;
+        ``result()`` then returns at once (or raises the run's typed error).
+        """
+        if self._result is None and self._reply is None:
+            self._reply = self._client._take(self.req, time.monotonic() + max(timeout, 0.0), spin=timeout > 0)
+            self._received = time.perf_counter()
+        return self._result is not None or self._reply is not None
 
     def result(self) -> RunResult:
+        if self._result is None and self._reply is not None:
+            reply, self._reply = self._reply, None
+            self._result = ClientCore.run_result(reply, self._sent, self._received)
         if self._result is None:
             reply = self._client._wait(self.req, self._limit)
             self._result = ClientCore.run_result(reply, self._sent, time.perf_counter())
@@ -155,13 +171,14 @@ class Client(ClientCore):
         except OSError:
             pass
 
-    def _recv(self, deadline: float | None) -> bytes | None:
+    def _recv(self, deadline: float | None, spin: bool = True) -> bytes | None:
         """Bytes from the broker, or ``_RING`` when completions wait on the ring: spin for
-        ``self.spin``, then sleep in poll() on the socket and the ring's eventfd; None at the deadline."""
+        ``self.spin`` (unless not ``spin``), then sleep in poll() on the socket and the ring's
+        eventfd; None at the deadline."""
         sock = self._sock
         rings = self._rings
         clock = time.perf_counter
-        spin_end = clock() + self.spin
+        spin_end = clock() + (self.spin if spin else 0.0)
         n = 0
         while True:
             # While spinning the ring is looked at on every pass, the socket (errors, replies to
@@ -192,7 +209,13 @@ class Client(ClientCore):
             n = 0
 
     def _wait(self, req: int, limit: float | None) -> BrokerMessage:
-        deadline = None if limit is None else time.monotonic() + limit
+        reply = self._take(req, None if limit is None else time.monotonic() + limit)
+        if reply is None:
+            raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
+        return reply
+
+    def _take(self, req: int, deadline: float | None, spin: bool = True) -> BrokerMessage | None:
+        """The reply to ``req``, reading the socket and the ring until it comes; None at ``deadline``."""
         with self._lock:
             while req not in self._replies:
                 if req <= self._old_reqs and self._loss is not None:  # sent to a session that is gone
@@ -206,11 +229,11 @@ class Client(ClientCore):
                 if self._lost is not None:
                     raise self._lost
                 try:
-                    data = self._recv(deadline)
+                    data = self._recv(deadline, spin)
                 except OSError as exc:
                     self._broken(exc)
                 if data is None:
-                    raise errors.RequestTimeout(f"no reply to request {req} within {limit:.3g} s")
+                    return None
                 if data is _RING:
                     assert self._rings is not None
                     for done in self._rings.take():

@@ -339,3 +339,23 @@ def test_kaas_bench_fuzz_smoke(broker: BrokerProcess) -> None:
     res = json.loads(out.stdout)
     assert sum(res["outcomes"].values()) == 1500
     assert res["outcomes"].get("GraphDone", 0) > 0 and res["outcomes"].get("malformed_frame", 0) > 0
+
+
+def test_done_collects_a_reply_without_blocking(broker_factory: BrokerFactory) -> None:
+    from tenantlib.kernels import testing
+
+    b = broker_factory('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n')
+    with tenantlib.connect(b.socket) as c:
+        lib = c.library(kernels.SOURCE + '\nextern "C" __global__ void slow(int ms) {}\n', kernels=[testing.SLOW])
+        g = c.graph()
+        g.kernel(lib, "slow", grid=1, block=1, args=[400])
+        p = c.submit(g)
+        assert not p.done()  # a 400 ms kernel: no reply yet, and done() came back without it
+        assert p.done(timeout=60)
+        assert p.done() and p.result().device == "cpu:0"  # result() uses the reply done() took
+        bad = c.graph()
+        bad.kernel(lib, "slow", grid=1, block=1, args=[5000])
+        q = c.submit(bad, timeout=0.2)
+        assert q.done(timeout=60)
+        with pytest.raises(errors.DeadlineExceeded):
+            q.result()

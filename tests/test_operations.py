@@ -58,6 +58,29 @@ def test_kaasctl_views(broker_factory: BrokerFactory) -> None:
         assert bad.returncode == 1 and "no device 'cuda:7'" in bad.stderr
 
 
+def test_kaasctl_memory_sets_the_broker_accounting_beside_the_workers_count(broker_factory: BrokerFactory) -> None:
+    b = broker_factory()
+    with tenantlib.connect(b.socket) as c:
+        lib = kernels.library(c)
+        n = 32
+        A, B, C = c.array((n, n)), c.array((n, n)), c.array((n, n))
+        A[...], B[...] = 2.0, 1.0
+        ra = c.resident(A)
+        g = c.graph()
+        grid, block = kernels.sgemm_launch(n, n)
+        g.kernel(lib, "sgemm", grid=grid, block=block, args=[g.resident(ra), g.input(B), g.output(C), n, n, n])
+        c.run(g)
+        np.testing.assert_allclose(C, np.full((n, n), 2.0 * n, dtype=np.float32))
+        ms = json.loads(kaasctl(b.socket, "memory", "--json").stdout)
+        assert [m["device"] for m in ms] == ["cpu:0"]
+        m = ms[0]
+        # The resident is on the device now, counted once by the broker and once by the worker.
+        assert m["accounted_residents"] == A.nbytes and m["worker"]["resident_bytes"] == A.nbytes, m
+        assert m["worker"]["residents"] == 1 and m["accounted"] >= A.nbytes
+        table = kaasctl(b.socket, "memory")
+        assert table.returncode == 0 and "cpu:0" in table.stdout and "worker residents" in table.stdout
+
+
 def test_a_tenant_keeps_its_totals_after_its_last_session(broker_factory: BrokerFactory) -> None:
     b = broker_factory()
     with tenantlib.connect(b.socket) as c:

@@ -4,6 +4,8 @@
     kaasctl [--socket PATH] [--json] tenants                every tenant since start: graphs, errors,
                                                             share of device time, quota use, queue
     kaasctl [--socket PATH] [--json] residents              resident buffers and where they are
+    kaasctl [--socket PATH] [--json] memory                 device memory: the broker's accounting
+                                                            beside the worker's and the device's count
     kaasctl [--socket PATH] drain DEVICE | undrain DEVICE   stop / resume placing new graphs on a device
     kaasctl [--socket PATH] reload                          re-read the config (as SIGHUP does)
     kaasctl [--socket PATH] [--json] quarantine list        kernels refused after repeated faults
@@ -75,6 +77,20 @@ def show_residents(rs: list[dict[str, Any]]) -> str:
     return _table(rows, ["tenant", "resident", "size", "on devices", "in use"])
 
 
+def show_memory(ms: list[dict[str, Any]]) -> str:
+    """The broker's accounting (residents + graphs on the device) beside the worker's own count of
+    its residents, its graph pool (lane slabs, cached blocks) and the device's used / total."""
+    rows = []
+    for m in ms:
+        w = m["worker"] or {}
+        pool = f"{_bytes(w['pool_used'])} / {_bytes(w['pool_reserved'])}" if "pool_used" in w else "-"
+        dev = f"{_bytes(w['device_used'])} / {_bytes(w['device_total'])}" if "device_used" in w else "-"
+        rows.append([m["device"], _bytes(m["accounted"]), _bytes(m["accounted_residents"]),
+                     _bytes(m["accounted_graphs"]), _bytes(w.get("resident_bytes")) if w else "DOWN", pool, dev])
+    return _table(rows, ["device", "accounted", "residents", "graphs", "worker residents", "graph pool used / held",
+                         "device used / total"])
+
+
 def show_quarantine(qs: list[dict[str, Any]]) -> str:
     if not qs:
         return "no kernel is quarantined"
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", parents=[js], help="devices, workers, memory, queue and counters")
     sub.add_parser("tenants", parents=[js], help="each tenant's share of device time, quota use and queue")
     sub.add_parser("residents", parents=[js], help="resident buffers and the devices holding them")
+    sub.add_parser("memory", parents=[js], help="device memory: the broker's accounting against the worker's count")
     for name, what in (("drain", "stop placing new graphs on DEVICE (running ones finish)"),
                        ("undrain", "place graphs on DEVICE again")):
         sp = sub.add_parser(name, parents=[js], help=what)
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(show_tenants(result))
     elif command == "residents":
         print(show_residents(result) if result else "no resident buffers")
+    elif command == "memory":
+        print(show_memory(result))
     elif command == "quarantine_list":
         print(show_quarantine(result))
     elif command == "quarantine_clear":

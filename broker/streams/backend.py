@@ -42,6 +42,11 @@ class Backend(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Device description: at least ``name``, ``kind``, ``index``, ``memory`` (bytes)."""
 
+    def usage(self) -> dict[str, int]:
+        """What this device holds now, by the backend's own count (``kaasctl memory`` sets it beside
+        the broker's accounting): at least ``residents`` and ``resident_bytes``."""
+        return {"residents": 0, "resident_bytes": 0}
+
     @abc.abstractmethod
     def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
                      options: tuple[str, ...]) -> str:

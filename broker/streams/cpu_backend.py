@@ -81,6 +81,9 @@ class CpuBackend(Backend):
                 "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                 "arch": "host", "cores": os.cpu_count() or 1}
 
+    def usage(self) -> dict[str, int]:
+        return {"residents": len(self._residents), "resident_bytes": sum(a.nbytes for a in self._residents.values())}
+
     def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
                      options: tuple[str, ...]) -> str:
         if library in self._libraries:

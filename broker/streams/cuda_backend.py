@@ -153,6 +153,20 @@ class CudaBackend(Backend):
                 "memory": self.memory, "driver_version": self.driver_version, "sm_count": self.sm_count,
                 "lanes": len(self._lanes), "lane_slab": self.lane_slab, "cuda_graphs": self.cuda_graphs}
 
+    @guarded
+    def usage(self) -> dict[str, int]:
+        """Residents by this worker's count; the graph pool's blocks (lane slabs and large graphs'
+        memory, cached after use) by the driver's; and the device's own free / total."""
+        attr = driver.CUmemPool_attribute
+        used = check(driver.cuMemPoolGetAttribute(self._pool, attr.CU_MEMPOOL_ATTR_USED_MEM_CURRENT), "pool used")
+        held = check(driver.cuMemPoolGetAttribute(self._pool, attr.CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT),
+                     "pool reserved")
+        free, total = check(driver.cuMemGetInfo(), "cuMemGetInfo")
+        return {"residents": len(self._residents), "resident_bytes": sum(r.size for r in self._residents.values()),
+                "pool_used": int(used), "pool_reserved": int(held),
+                "lane_slabs": sum(1 for ln in self._lanes if ln.slab) * self.lane_slab,
+                "device_used": int(total) - int(free), "device_total": int(total)}
+
     @property
     def busy(self) -> bool:
         return bool(self._running or self._waiting_high or self._waiting_normal or self._done)

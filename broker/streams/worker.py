@@ -209,7 +209,7 @@ class Worker:
             elif isinstance(cmd, WEvictResident):
                 self.backend.evict_resident(cmd.resident)
             elif isinstance(cmd, WInfo):
-                info = self.backend.info()
+                info = {**self.backend.info(), "usage": self.backend.usage()}
             elif isinstance(cmd, WShutdown):
                 self.running = False
             self.send(WReply(cmd.seq, info=info))

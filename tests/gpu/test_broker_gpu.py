@@ -123,3 +123,23 @@ def test_one_gib_arena_round_trip(gclient: tenantlib.Client) -> None:
     np.testing.assert_array_equal(x[:: 1 << 16], x0)
     gb = (1 << 30) / 1e9
     print(f"1 GiB: copy in {gb / r.timings.copy_in:.1f} GB/s, copy out {gb / r.timings.copy_out:.1f} GB/s")
+
+
+def test_memory_view_sets_the_accounting_beside_the_worker_and_the_device(gclient: tenantlib.Client) -> None:
+    c = gclient
+    lib = kernels.library(c)
+    n = 256
+    A, B, C = c.array((n, n)), c.array((n, n)), c.array((n, n))
+    A[...], B[...] = 2.0, 1.0
+    ra = c.resident(A)
+    g = c.graph()
+    grid, block = kernels.sgemm_launch(n, n)
+    g.kernel(lib, "sgemm", grid=grid, block=block, args=[g.resident(ra), g.input(B), g.output(C), n, n, n])
+    c.run(g)
+    np.testing.assert_allclose(C, np.full((n, n), 2.0 * n, dtype=np.float32))
+    [m] = c.admin("memory")
+    w = m["worker"]
+    # The resident lives on the GPU: the broker and the worker count the same bytes of it.
+    assert m["accounted_residents"] >= A.nbytes and w["resident_bytes"] == m["accounted_residents"], m
+    assert w["device_total"] > w["device_used"] >= w["resident_bytes"] + w["pool_reserved"]
+    assert w["pool_reserved"] >= w["pool_used"] >= w["lane_slabs"] > 0  # the lane that ran holds its slab
