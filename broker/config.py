@@ -41,13 +41,19 @@ class TenantPolicy:
 
 @dataclass(frozen=True, slots=True)
 class TenantRule:
-    """Maps peers to a tenant: by ``user`` / ``group`` name or ``uid`` / ``gid`` (all given must match)."""
+    """Maps peers to a tenant: by ``user`` / ``group`` name or ``uid`` / ``gid`` (all given must match).
+
+    With ``token_sha256`` the rule is for one job among many that share a uid (Ray workers): the
+    peer must match the rule's user / group / uid / gid *and* present the token whose SHA-256 this
+    is.  The config holds only the digest, never the token.
+    """
 
     name: str
     user: str = ""
     group: str = ""
     uid: int = -1
     gid: int = -1
+    token_sha256: str = ""
     policy: TenantPolicy = TenantPolicy()
 
 
@@ -119,7 +125,7 @@ _CHOICES = {"log_format": ("auto", "json", "console"),
             "priority": ("batch", "latency"),
             "isolation": ("shared", "dedicated")}
 _POLICY = {f.name: f for f in dataclasses.fields(TenantPolicy)}
-_MATCH = ("name", "user", "group", "uid", "gid")
+_MATCH = ("name", "user", "group", "uid", "gid", "token_sha256")
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -182,7 +188,12 @@ def _tenant(i: int, raw: Any, defaults: TenantPolicy) -> TenantRule:
     if values.get("uid", -1) < -1 or values.get("gid", -1) < -1:
         raise ConfigError(f"config: tenants[{i}]: uid/gid must be >= 0")
     if not any(k in values for k in ("user", "group", "uid", "gid")):
-        raise ConfigError(f"config: tenants[{i}] ({raw['name']}): give at least one of user, group, uid, gid")
+        raise ConfigError(f"config: tenants[{i}] ({raw['name']}): give at least one of user, group, uid, gid"
+                          + (" (who may present the token)" if "token_sha256" in values else ""))
+    digest = values.get("token_sha256", "")
+    if "token_sha256" in values and (len(digest) != 64 or set(digest) - set("0123456789abcdef")):
+        raise ConfigError(f"config: tenants[{i}].token_sha256 must be the token's SHA-256 (64 lowercase hex "
+                          "characters; kaasctl token prints one)")
     policy = _policy(f"tenants[{i}]", {k: v for k, v in raw.items() if k not in _MATCH}, defaults)
     return TenantRule(**values, policy=policy)
 

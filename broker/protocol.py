@@ -155,6 +155,7 @@ class Timings(msgspec.Struct, array_like=True, frozen=True):
 class Hello(_Base, tag="hello", frozen=True):
     version: int
     client: str = ""
+    token: str = ""  # a job's identity where many jobs share one uid (config: token_sha256); never logged
 
 
 class RegisterArena(_Base, tag="arena", frozen=True):

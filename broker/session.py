@@ -208,7 +208,9 @@ class Session:
             self.close()
             return
         try:
-            tenant = self.directory.resolve(self.peer)
+            if len(msg.token) > 1024:
+                raise errors.InvalidArgument(f"a token of {len(msg.token)} characters is longer than 1024")
+            tenant = self.directory.resolve(self.peer, msg.token)
         except errors.KaasError as exc:
             self.reply_error(0, exc)
             self.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import grp
+import hashlib
+import hmac
 import pwd
 from dataclasses import dataclass
 
@@ -56,7 +58,13 @@ def _groups(peer: Peer) -> set[str]:
     return names
 
 
-def _matches(rule: TenantRule, peer: Peer, user: str, groups: set[str]) -> bool:
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _matches(rule: TenantRule, peer: Peer, user: str, groups: set[str], digest: str) -> bool:
+    if rule.token_sha256 and not (digest and hmac.compare_digest(rule.token_sha256, digest)):
+        return False
     checks = []
     if rule.uid >= 0:
         checks.append(rule.uid == peer.uid)
@@ -75,12 +83,18 @@ class TenantDirectory:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def resolve(self, peer: Peer) -> Tenant:
+    def resolve(self, peer: Peer, token: str = "") -> Tenant:
+        """The tenant of ``peer``; with a ``token``, only a rule naming that token (and matching the
+        peer) will do: a token that names no tenant for this peer is refused, never ignored."""
         user = _user(peer.uid)
         groups = _groups(peer) if any(r.group for r in self.config.tenants) else set()
+        digest = token_digest(token) if token else ""
         for rule in self.config.tenants:
-            if _matches(rule, peer, user, groups):
+            if (bool(rule.token_sha256) == bool(token)) and _matches(rule, peer, user, groups, digest):
                 return Tenant(rule.name, rule.policy)
+        if token:
+            raise errors.PermissionDenied(f"the token presented names no tenant of this broker for uid {peer.uid}",
+                                          detail={"uid": peer.uid})
         if self.config.unknown_tenants == "refuse":
             raise errors.PermissionDenied(f"uid {peer.uid} is not a tenant of this broker",
                                           detail={"uid": peer.uid})

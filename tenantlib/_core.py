@@ -129,8 +129,9 @@ class ClientCore:
         self.closed = False
 
     @staticmethod
-    def hello(client: str) -> Hello:
-        return Hello(PROTOCOL_VERSION, client)
+    def hello(client: str, token: str | None = None) -> Hello:
+        """The handshake; ``token`` (default ``$KAAS_TOKEN``) names a job where many share a uid."""
+        return Hello(PROTOCOL_VERSION, client, os.environ.get("KAAS_TOKEN", "") if token is None else token)
 
     def next_req(self) -> int:
         self._req += 1

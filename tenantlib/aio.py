@@ -249,8 +249,8 @@ class AsyncClient(ClientCore):
 
 
 async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio",
-                        timeout: float | None = 60.0) -> AsyncClient:
-    """The asyncio twin of ``tenantlib.connect``."""
+                        timeout: float | None = 60.0, token: str | None = None) -> AsyncClient:
+    """The asyncio twin of ``tenantlib.connect`` (``token``: as there)."""
     loop = asyncio.get_running_loop()
     path = default_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -262,7 +262,7 @@ async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio
         raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc}") from None
     decoder = FrameDecoder()
     try:
-        await loop.sock_sendall(sock, encode(ClientCore.hello(client)))
+        await loop.sock_sendall(sock, encode(ClientCore.hello(client, token)))
         bodies: list[bytes] = []
         while not bodies:
             data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), timeout)

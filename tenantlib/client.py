@@ -22,6 +22,7 @@ from broker.protocol import (
     BrokerMessage,
     Error,
     FrameDecoder,
+    Hello,
     OpenRings,
     Ping,
     RegisterLibrary,
@@ -109,7 +110,7 @@ class Client(ClientCore):
         # what was registered, to register it again on a new session after the broker restarts.
         self.reconnect = False
         self._path = ""
-        self._hello = "tenantlib"
+        self._hello = ClientCore.hello("tenantlib")
         self._want_rings = False
         self._lost: errors.KaasError | None = None  # the broker went away; the next call reconnects
         self._loss: errors.KaasError | None = None  # the last such loss: the answer for its old requests
@@ -560,8 +561,8 @@ class Client(ClientCore):
             self.close()
 
 
-def _handshake(path: str, client: str, timeout: float | None) -> tuple[socket.socket, Welcome, FrameDecoder,
-                                                                       list[bytes]]:
+def _handshake(path: str, hello: Hello, timeout: float | None) -> tuple[socket.socket, Welcome, FrameDecoder,
+                                                                      list[bytes]]:
     """Connect to ``path`` and say hello: the socket, the broker's welcome, and frames after it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -572,7 +573,7 @@ def _handshake(path: str, client: str, timeout: float | None) -> tuple[socket.so
         raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc.strerror or exc}") from None
     decoder = FrameDecoder()
     try:
-        sock.sendall(encode(ClientCore.hello(client)))
+        sock.sendall(encode(hello))
         bodies: list[bytes] = []
         while not bodies:
             data = sock.recv(1 << 16)
@@ -587,7 +588,8 @@ def _handshake(path: str, client: str, timeout: float | None) -> tuple[socket.so
 
 
 def connect(path: str | None = None, *, client: str = "tenantlib", timeout: float | None = 60.0,
-            spin_us: int | None = None, rings: bool | None = None, reconnect: bool = False) -> Client:
+            spin_us: int | None = None, rings: bool | None = None, reconnect: bool = False,
+            token: str | None = None) -> Client:
     """Connect to the broker at ``path`` (default ``$KAAS_SOCKET``, else /run/kaas/broker.sock).
 
     ``timeout`` bounds each request's wait (None waits forever); graphs with their own
@@ -603,11 +605,15 @@ def connect(path: str | None = None, *, client: str = "tenantlib", timeout: floa
     residents on the new session, and prepares graphs again as they run.  It keeps each arena's
     file descriptor open to do so.  Off by default: a tenant must be written to treat that error
     as "unknown outcome", which a plain ``SessionClosed`` never asked of it.
+
+    ``token`` (default ``$KAAS_TOKEN``): the job's identity where many jobs share one uid (Ray
+    workers); the broker's config maps its SHA-256 to a tenant (``kaasctl token``).
     """
     path = default_path(path)
-    sock, msg, decoder, extra = _handshake(path, client, timeout)
+    hello = ClientCore.hello(client, token)
+    sock, msg, decoder, extra = _handshake(path, hello, timeout)
     c = Client(sock, msg, decoder, timeout, spin_us)
-    c.reconnect, c._path, c._hello = reconnect, path, client
+    c.reconnect, c._path, c._hello = reconnect, path, hello
     for body in extra:
         reply = decode_broker(body)
         c._replies[getattr(reply, "req", 0)] = reply

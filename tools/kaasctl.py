@@ -11,6 +11,7 @@
     kaasctl [--socket PATH] [--json] quarantine list        kernels refused after repeated faults
     kaasctl [--socket PATH] quarantine clear [--tenant T]   lift quarantines
     kaasctl [--socket PATH] ping [--count N]                round trips (any tenant may ping)
+    kaasctl token [--tenant NAME] [--user USER]             a new job token and the config rule for it
 
 The socket defaults to $KAAS_SOCKET, else /run/kaas/broker.sock. Tables for people by default,
 ``--json`` for scripts.
@@ -99,6 +100,17 @@ def show_quarantine(qs: list[dict[str, Any]]) -> str:
     return _table(rows, ["tenant", "kernel", "library", "faults", "since"])
 
 
+def new_token(tenant: str, user: str) -> str:
+    """A fresh token, and the rule to add to the broker's config: the config keeps only its digest."""
+    import secrets
+
+    from broker.tenants import token_digest
+
+    token = secrets.token_urlsafe(32)
+    return (f"# give the job KAAS_TOKEN={token}\n# (it is shown once; the broker's config keeps only its digest)\n"
+            f'[[tenants]]\nname = "{tenant}"\nuser = "{user}"\ntoken_sha256 = "{token_digest(token)}"')
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kaasctl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--socket", help="broker socket (default $KAAS_SOCKET or /run/kaas/broker.sock)")
@@ -121,9 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     qsub.add_parser("list", parents=[js], help="list quarantined kernels")
     qc = qsub.add_parser("clear", parents=[js], help="lift quarantines")
     qc.add_argument("--tenant", help="only this tenant's")
+    tk = sub.add_parser("token", help="print a new job token (for $KAAS_TOKEN) and the config rule naming it")
+    tk.add_argument("--tenant", default="job", help="the tenant the token names")
+    tk.add_argument("--user", default="ray", help="the user allowed to present it (whose uid the jobs share)")
     pg = sub.add_parser("ping", help="measure round trips to the broker")
     pg.add_argument("--count", type=int, default=10)
     args = p.parse_args(argv)
+    if args.cmd == "token":
+        print(new_token(args.tenant, args.user))
+        return 0
     try:
         with tenantlib.connect(args.socket, client="kaasctl", timeout=30) as c:
             if args.cmd == "ping":
