@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import resource
+import socket
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,6 +56,9 @@ class Engine(Registry, Dispatch, Supervision):
         self.config = config
         self.metrics = metrics or Metrics()
         self.devices = list(devices)
+        # Who this broker is, for clients that place work across many (tenantlib.ray): new at each start.
+        self.identity = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                         "started": time.time()}
         lanes = {d: (config.lanes_cuda if d.startswith("cuda") else config.lanes_cpu) for d in devices}
         # The hot path's rings (sessions', workers'): polled while spinning, drained in batches.
         self.hub = RingHub()

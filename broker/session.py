@@ -448,9 +448,20 @@ class Session:
             self._send(error_frame(req, exc))
 
     def status(self) -> dict[str, Any]:
-        return {"session": self.id, "tenant": self.tenant.name if self.tenant else None,
-                "devices": self.engine.device_info(), "queued": self.engine.queued,
-                "arenas": len(self.arenas), "inflight": len(self.inflight), "stats": dict(self.engine.stats)}
+        """This session's view of the broker: who it is, its devices (with the memory free on each),
+        the queue, and this tenant's own residents with the devices holding them (what a client
+        placing work across brokers needs; nothing of other tenants' buffers)."""
+        eng = self.engine
+        devices = eng.device_info()
+        for d in devices:
+            name = d["device"]
+            if "#" not in name:  # a shared device (a dedicated one belongs to its tenant)
+                d["memory_free"] = max(0, eng.pool.capacity(name) - eng.pool.used(name))
+        mine = self.state.residents.values() if self.state is not None else ()
+        return {"session": self.id, "tenant": self.tenant.name if self.tenant else None, "broker": eng.identity,
+                "devices": devices, "queued": eng.queued, "healthy": all(w.alive for w in eng.workers.values()),
+                "residents": [{"digest": r.digest, "bytes": r.nbytes, "devices": sorted(r.devices)} for r in mine],
+                "arenas": len(self.arenas), "inflight": len(self.inflight), "stats": dict(eng.stats)}
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -359,3 +359,29 @@ def test_done_collects_a_reply_without_blocking(broker_factory: BrokerFactory) -
         assert q.done(timeout=60)
         with pytest.raises(errors.DeadlineExceeded):
             q.result()
+
+
+def test_status_names_the_broker_and_only_this_tenants_residents(broker_factory: BrokerFactory) -> None:
+    import os
+
+    from broker.tenants import token_digest
+
+    b = broker_factory(f'[[tenants]]\nname = "other"\nuid = {os.geteuid()}\ntoken_sha256 = "{token_digest("t0k")}"\n')
+    with tenantlib.connect(b.socket) as c, tenantlib.connect(b.socket, token="t0k") as other:
+        w = other.array(512)
+        w[...] = 7.0
+        other.resident(w)  # another tenant's resident: not in c's status
+        x = c.array(1024)
+        x[...] = 3.0
+        r = c.resident(x)
+        y, z = c.array(1024), c.array(1024)
+        y[...] = 1.0
+        g = c.graph()
+        g.kernel(kernels.library(c), "vadd", grid=4, block=256, args=[g.resident(r), g.input(y), g.output(z), 1024])
+        c.run(g)
+        st = c.status()
+        assert len(st["broker"]["id"]) == 32 and st["broker"]["pid"] > 0 and st["healthy"] is True
+        assert st["residents"] == [{"digest": r.digest, "bytes": x.nbytes, "devices": ["cpu:0"]}]
+        assert st["devices"][0]["memory_free"] > 0
+        with tenantlib.connect(b.socket) as again:  # the same broker: the same id
+            assert again.status()["broker"]["id"] == st["broker"]["id"]
