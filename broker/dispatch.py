@@ -267,23 +267,7 @@ class Dispatch(EngineBase):
         w = self.workers[device]
         p.dispatched = time.monotonic()
         self.tenants[job.tenant].waiting -= 1
-        adm = p.admission
-        for ev in adm.evict if adm is not None else ():
-            rec = self.residents.get(ev.resident)
-            if rec is not None:
-                rec.devices.discard(ev.device)
-            ew = self.workers[ev.device]
-            if ew.alive:
-                ew.send_cb(WEvictResident(ew.next_seq(), ev.resident), _ignore)
-            self.stats["evictions"] += 1
-        for rid, _ in adm.put if adm is not None else ((r.gid, r.nbytes) for r in p.residents):
-            r = self.residents[rid]
-            if device not in r.devices:
-                r.devices.add(device)
-                w.send_cb(WPutResident(w.next_seq(), r.gid, r.nbytes), functools.partial(self._put_done, r, device),
-                          r.fd)
-                self.stats["resident_puts"] += 1
-                self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
+        self._place(p.admission, device, p.residents)
         limit = min(p.deadline, self.config.max_graph_seconds) if p.deadline > 0 else self.config.max_graph_seconds
         p.worker, p.limit = w, limit
         self._running[job.id] = p
@@ -299,6 +283,50 @@ class Dispatch(EngineBase):
             w.send_cb(WPrepare(w.next_seq(), pr.gid, t.graph, t.literal_slots), _ignore)
         w.send_run(WRun(w.next_seq(), pr.gid, p.slices, p.values, limit, job.priority, p.trace is not None),
                    pr.run_st, functools.partial(self._graph_done, job.id, device))
+
+    def _place(self, adm: Admission | None, device: str, residents: tuple[ResidentRecord, ...]) -> None:
+        """Carry out an admission on the workers: its evictions, then the copies of the residents
+        ``device`` lacks (all of ``residents`` when there is no admission: nothing to account)."""
+        w = self.workers[device]
+        for ev in adm.evict if adm is not None else ():
+            rec = self.residents.get(ev.resident)
+            if rec is not None:
+                rec.devices.discard(ev.device)
+            ew = self.workers[ev.device]
+            if ew.alive:
+                ew.send_cb(WEvictResident(ew.next_seq(), ev.resident), _ignore)
+            self.stats["evictions"] += 1
+        for rid, _ in adm.put if adm is not None else ((r.gid, r.nbytes) for r in residents):
+            r = self.residents[rid]
+            if device not in r.devices:
+                r.devices.add(device)
+                w.send_cb(WPutResident(w.next_seq(), r.gid, r.nbytes), functools.partial(self._put_done, r, device),
+                          r.fd)
+                self.stats["resident_puts"] += 1
+                self.metrics.tenant(r.tenant).copied(bytes_in=r.nbytes)
+
+    def prefetch(self, tenant: str, rec: ResidentRecord, device: str = "") -> str:
+        """Put ``rec`` on ``device`` (or the shared device with the most free memory) ahead of the
+        graphs that will use it; returns the device.  It is then resident like any other: kept
+        while used, evicted (least recently used first) when room is needed."""
+        if device and device not in self.devices:
+            raise errors.InvalidArgument(f"no shared device {device!r} (devices: {', '.join(self.devices)})")
+        shared = [d for d in self.devices if self.workers[d].alive]
+        if not shared:
+            raise errors.NoDevice("no device worker is running")
+        held = [d for d in rec.devices if d in shared]
+        if held and (not device or device in held):
+            return device or held[0]
+        where = device or max(shared, key=lambda d: self.pool.capacity(d) - self.pool.used(d))
+        now = time.monotonic()
+        adm = self.pool.plan_admit(where, tenant, {rec.gid: rec.nbytes}, 0, now)
+        if adm is None:
+            raise errors.TooManyRequests(f"the room for {rec.nbytes} bytes on {where} is held by graphs in flight; "
+                                         "try again once they end", detail={"device": where})
+        self.pool.commit(adm, now)
+        self._place(adm, where, (rec,))
+        self.pool.release(adm)  # nothing runs with it yet: it stays, unpinned, like one a graph left
+        return where
 
     def _sweep(self) -> None:
         """Kill the workers of graphs past their deadline (checked every _SWEEP_EVERY seconds)."""

@@ -194,6 +194,14 @@ class ReleaseResident(_Base, tag="resident_release", frozen=True):
     resident: str
 
 
+class Prefetch(_Base, tag="prefetch", frozen=True):
+    """Put one of this tenant's residents on ``device`` (``""``: the broker's choice) before it is used."""
+
+    req: int
+    resident: str
+    device: str = ""
+
+
 class RunGraph(_Base, tag="run", frozen=True):
     """Run ``graph``; ``trace`` asks for the per-hop timestamps in the reply (TRACE_POINTS)."""
 
@@ -254,7 +262,7 @@ class Admin(_Base, tag="admin", frozen=True):
 
 
 TenantMessage = Union[
-    Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident,
+    Hello, RegisterArena, ReleaseArena, RegisterLibrary, PutResident, ReleaseResident, Prefetch,
     RunGraph, PrepareGraph, RunPrepared, ReleaseGraph, OpenRings, Ping, Status, Admin,
 ]
 
@@ -325,6 +333,11 @@ class Pong(_Base, tag="pong", frozen=True):
     req: int
 
 
+class Prefetched(_Base, tag="prefetched", frozen=True):
+    req: int
+    device: str
+
+
 class StatusReply(_Base, tag="status_ok", frozen=True):
     req: int
     info: dict[str, Any]
@@ -339,7 +352,7 @@ class Error(_Base, tag="error", frozen=True):
 
 BrokerMessage = Union[
     Welcome, ArenaRegistered, LibraryRegistered, ResidentRegistered, Done, GraphDone, GraphPrepared,
-    RingsOpened, Pong, StatusReply, Error,
+    RingsOpened, Pong, Prefetched, StatusReply, Error,
 ]
 
 TENANT_TAGS = frozenset(t.__struct_config__.tag for t in TenantMessage.__args__)  # type: ignore[attr-defined]

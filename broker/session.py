@@ -36,6 +36,8 @@ from .protocol import (
     OpenRings,
     Ping,
     Pong,
+    Prefetch,
+    Prefetched,
     PrepareGraph,
     PutResident,
     RegisterArena,
@@ -261,6 +263,15 @@ class Session:
                 raise errors.UnknownResident(f"resident {msg.resident[:16]!r} is not registered by this tenant")
             self.engine.release_resident(self.state, res)
             self._finish(req, Done(req))
+        elif isinstance(msg, Prefetch):
+            assert self.state is not None and self.tenant is not None
+            res = self.state.residents.get(msg.resident)
+            if res is None:
+                raise errors.UnknownResident(f"resident {msg.resident[:16]!r} is not registered by this tenant")
+            if self.tenant.policy.isolation == "dedicated":
+                raise errors.InvalidArgument("prefetch places residents on shared devices; this tenant's graphs "
+                                             "run on its dedicated workers")
+            self._finish(req, Prefetched(req, self.engine.prefetch(self.tenant.name, res, msg.device)))
         elif isinstance(msg, Ping):
             self._finish(req, Pong(req))
         elif isinstance(msg, Status):

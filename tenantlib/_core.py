@@ -24,6 +24,7 @@ from broker.protocol import (
     GraphPrepared,
     Hello,
     LibraryRegistered,
+    Prefetched,
     PrepareGraph,
     PutResident,
     RegisterArena,
@@ -260,6 +261,12 @@ class ClientCore:
         assert isinstance(reply, GraphDone)
         trace = (sent, *reply.trace, received) if reply.trace else ()
         return RunResult(reply.device, reply.timings, received - sent, trace)
+
+    @staticmethod
+    def prefetched(reply: BrokerMessage) -> str:
+        raise_if_error(reply)
+        assert isinstance(reply, Prefetched)
+        return reply.device
 
     @staticmethod
     def arena_id(reply: BrokerMessage) -> int:

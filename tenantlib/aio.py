@@ -19,6 +19,7 @@ from broker.protocol import (
     BrokerMessage,
     FrameDecoder,
     Ping,
+    Prefetch,
     ReleaseResident,
     Status,
     StatusReply,
@@ -195,6 +196,10 @@ class AsyncClient(ClientCore):
     async def release_resident(self, res: Resident) -> None:
         raise_if_error(await self._request(ReleaseResident(self.next_req(), res.digest)))
         self.forget_prepared()
+
+    async def prefetch(self, res: Resident, device: str = "") -> str:
+        """See ``Client.prefetch``."""
+        return self.prefetched(await self._request(Prefetch(self.next_req(), res.digest, device)))
 
     def graph(self) -> Graph:
         return Graph()

@@ -25,6 +25,7 @@ from broker.protocol import (
     Hello,
     OpenRings,
     Ping,
+    Prefetch,
     RegisterLibrary,
     ReleaseResident,
     RingsOpened,
@@ -344,6 +345,13 @@ class Client(ClientCore):
             self._resident_arrays.pop(res.digest, None)
             raise_if_error(self._request(ReleaseResident(self.next_req(), res.digest)))
         self.forget_prepared()  # graphs that named it must be checked again
+
+    def prefetch(self, res: Resident, device: str = "") -> str:
+        """Put ``res`` on ``device`` (default: the broker's choice) before a graph uses it; returns
+        the device.  It is then resident like any other (evicted when room is needed)."""
+        with self._lock:
+            self._revive()
+            return self.prefetched(self._request(Prefetch(self.next_req(), res.digest, device)))
 
     # -- graphs ------------------------------------------------------------------------------
     def graph(self) -> Graph:

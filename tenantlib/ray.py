@@ -23,8 +23,9 @@ where it expects it to finish first: the requests already waiting there, plus th
 the residents that node lacks.  The proxies (``NodeProxy``, one per node, pinned to it) hold the
 broker connection, the registered libraries and residents, and a pool of built graphs whose
 arena buffers are reused from request to request.  A node that dies fails its requests in flight
-with Ray's typed errors (``RayActorError``) and is left out of placement from then on; a broker
-that goes away fails them with ``BrokerUnavailable``.
+with Ray's typed errors (``RayActorError``), a broker that goes away fails them with
+``BrokerUnavailable``; either node is left out of placement from the next look at the cluster
+(every ``refresh_every`` seconds, or ``refresh()``).
 
 Where many jobs share the Ray workers' uid, each job presents a token (``$KAAS_TOKEN``, or
 ``token=``) that the brokers' config maps to its tenant (``kaasctl token``).
@@ -230,6 +231,7 @@ class NodeProxy:
         self.client: Any = None
         self.cache = _Cache()
         self._connecting: asyncio.Lock | None = None
+        self.hits = self.misses = 0  # requests whose residents this node held already, or not
 
     async def _client(self) -> Any:
         from .aio import connect_async
@@ -250,7 +252,29 @@ class NodeProxy:
         st = await c.status()
         on_device = {r["digest"] for r in st["residents"] if r["devices"]}
         return {"node": self.node, "broker": st["broker"], "queued": st["queued"], "healthy": st["healthy"],
-                "residents": [k for k, r in self.cache.residents.items() if r.digest in on_device]}
+                "residents": [k for k, r in self.cache.residents.items() if r.digest in on_device],
+                "hits": self.hits, "misses": self.misses}
+
+    async def _resident(self, c: Any, key: str, value: Any) -> tuple[Any, bool]:
+        """This node's resident for ``key`` (registered from ``value`` the first time); and whether
+        it was held already."""
+        r = self.cache.residents.get(key)
+        if r is not None:
+            self.cache.residents.move_to_end(key)
+            return r, True
+        arr = np.asarray(await value if not isinstance(value, np.ndarray) else value)
+        with await c.arena(max(1, arr.nbytes)) as staging:  # the broker keeps its own copy
+            view = staging.array(arr.shape, arr.dtype)
+            view[...] = arr
+            r = await c.resident(view)
+        self.cache.remember(key, r)
+        return r, False
+
+    async def prefetch(self, key: str, value: Any, device: str = "") -> str:
+        """Register the resident ``key`` here (from ``value``) and put it on a device now."""
+        c = await self._client()
+        r, _ = await self._resident(c, key, value)
+        return str(await c.prefetch(r, device))
 
     async def _library(self, c: Any, name: str, src: Source) -> Any:
         key = (name, hashlib.sha256(src.code.encode() if isinstance(src.code, str) else src.code).hexdigest())
@@ -266,17 +290,16 @@ class NodeProxy:
         reference); a reference is fetched only when this node does not hold its key yet."""
         c = await self._client()
         res: dict[str, Any] = {}
+        held = True
         for b in spec.of("resident"):
             key, value = residents[b.name]
-            r = self.cache.residents.get(key)
-            if r is None:
-                arr = _array(b, await value if not isinstance(value, np.ndarray) else value)
-                with await c.arena(max(1, arr.nbytes)) as staging:  # the broker keeps its own copy
-                    view = staging.array(arr.shape, arr.dtype)
-                    view[...] = arr
-                    r = await c.resident(view)
-                self.cache.remember(key, r)
-            res[b.name] = r
+            res[b.name], had = await self._resident(c, key, value)
+            if (tuple(res[b.name].shape), np.dtype(res[b.name].dtype)) != (b.shape, np.dtype(b.dtype)):
+                raise errors.InvalidArgument(f"buffer {b.name!r} is {b.shape} {b.dtype}, resident {key[:24]} is "
+                                             f"{res[b.name].shape} {res[b.name].dtype}")
+            held = held and had
+        self.hits += held
+        self.misses += not held
         keys = tuple(residents[b.name][0] for b in spec.of("resident"))
         built = self.cache.take(spec, keys)
         if built is None:
@@ -302,6 +325,7 @@ class _Node:
     queued: int = 0
     service: float = 0.005  # seconds per request there (moving average)
     held: set[str] = field(default_factory=set)  # resident keys it holds (what this driver knows)
+    recent: set[str] = field(default_factory=set)  # keys sent there since the last refresh asked
     requests: int = 0
     hits: int = 0
 
@@ -315,11 +339,16 @@ class KaasCluster:
     time per request, plus the bytes of the residents it lacks over ``bandwidth``.
     """
 
-    def __init__(self, *, token: str | None = None, bandwidth: float = DEFAULT_BANDWIDTH) -> None:
+    def __init__(self, *, token: str | None = None, bandwidth: float = DEFAULT_BANDWIDTH,
+                 refresh_every: float = 10.0) -> None:
         self.token = token if token is not None else os.environ.get("KAAS_TOKEN")
         self.bandwidth = bandwidth
+        self.refresh_every = refresh_every  # seconds between looks at the cluster (new nodes, evictions)
         self.nodes: dict[str, _Node] = {}
         self._lock = threading.Lock()
+        self._refreshing = False
+        self._flight: dict[Any, tuple[_Node, float]] = {}  # submitted, not seen ending: (node, when)
+        self._reaping = False
         self.refresh()
 
     def refresh(self) -> None:
@@ -327,33 +356,35 @@ class KaasCluster:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        seen = set()
-        for n in ray.nodes():
-            sock = (n.get("Labels") or {}).get(LABEL)
-            if not n.get("Alive") or not sock:
-                continue
-            nid = n["NodeID"]
-            seen.add(nid)
-            if nid in self.nodes and self.nodes[nid].alive:
-                continue
-            actor = ray.remote(num_cpus=0)(NodeProxy).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False), max_concurrency=256,
-                max_restarts=0).remote(sock, self.token, nid)
-            self.nodes[nid] = _Node(nid, sock, actor)
-        for nid, node in self.nodes.items():
-            if nid not in seen:
-                node.alive = False
-        infos = {nid: n.proxy.info.remote() for nid, n in self.nodes.items() if n.alive}
-        for nid, ref in infos.items():
+        self._refreshed = time.monotonic()
+        found = {n["NodeID"]: str(n["Labels"][LABEL]) for n in ray.nodes()
+                 if n.get("Alive") and (n.get("Labels") or {}).get(LABEL)}
+        with self._lock:
+            for nid, sock in found.items():
+                if nid not in self.nodes or not self.nodes[nid].alive:
+                    actor = ray.remote(num_cpus=0)(NodeProxy).options(
+                        scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False), max_concurrency=256,
+                        max_restarts=0).remote(sock, self.token, nid)
+                    self.nodes[nid] = _Node(nid, sock, actor)
+            for nid, node in self.nodes.items():
+                if nid not in found:
+                    node.alive = False
+                node.recent = set()
+            asked = {nid: n.proxy.info.remote() for nid, n in self.nodes.items() if n.alive}
+        for nid, ref in asked.items():
             try:
                 info = ray.get(ref, timeout=60)
             except Exception:  # the node or its broker is gone
-                self.nodes[nid].alive = False
-                continue
-            node = self.nodes[nid]
-            node.queued, node.held = int(info["queued"]), set(info["residents"])
-            if not info["healthy"]:
-                node.queued += 1000  # a broker replacing a device worker: elsewhere if we can
+                info = None
+            with self._lock:
+                node = self.nodes[nid]
+                if info is None:
+                    node.alive = False
+                    continue
+                # What the broker holds on a device now, and what was sent there since we asked.
+                node.queued, node.held = int(info["queued"]), set(info["residents"]) | node.recent
+                if not info["healthy"]:
+                    node.queued += 1000  # a broker replacing a device worker: elsewhere if we can
         if not any(n.alive for n in self.nodes.values()):
             raise errors.NoDevice(f"no alive Ray node is labelled {LABEL!r} (see tenantlib.ray for `ray start`)")
 
@@ -377,6 +408,7 @@ class KaasCluster:
         ObjectRef of its outputs (``{name: array}`` for every ``out`` and ``inout`` buffer)."""
         inputs, residents = dict(inputs or {}), dict(residents or {})
         _check_values(spec, inputs, residents)
+        self._maybe_refresh()
         keyed = {name: (resident_key(v), v) for name, v in residents.items()}
         sizes = {b.name: b.nbytes for b in spec.of("resident")}
         needs = {key: sizes[name] for name, (key, _) in keyed.items()}
@@ -391,26 +423,68 @@ class KaasCluster:
             where.hits += all(k in where.held for k in needs)
             where.outstanding += 1
             where.held.update(needs)  # it will hold them once this request ran
+            where.recent.update(needs)
         started = time.monotonic()
         ref = where.proxy.run.remote(spec, inputs, keyed, timeout)
-        ref.future().add_done_callback(lambda fut: self._done(where, started, fut))
+        with self._lock:
+            self._flight[ref] = (where, started)
+            if not self._reaping:  # ObjectRef.future() would cost a round trip of its own per request
+                self._reaping = True
+                threading.Thread(target=self._reap, name="kaas-ray-reaper", daemon=True).start()
         return ref
 
-    def _done(self, node: _Node, started: float, fut: Any) -> None:
+    def prefetch(self, value: Any, *, node: str | None = None, device: str = "") -> Any:
+        """Put a resident (an array or object reference) on ``node`` (default: the least busy) ahead
+        of the requests that will use it; an ObjectRef of the device it went to."""
+        key = resident_key(value)
         with self._lock:
-            node.outstanding -= 1
-            exc = fut.exception()
-            if exc is None:
-                node.service = 0.8 * node.service + 0.2 * (time.monotonic() - started)
-                return
-            from ray.exceptions import RayActorError
+            alive = [n for n in self.nodes.values() if n.alive]
+            where = self.nodes.get(node) if node is not None else min(alive, key=lambda n: n.outstanding + n.queued,
+                                                                       default=None)
+            if where is None or not where.alive:
+                raise errors.InvalidArgument(f"node {node!r} is not an alive kaas node of this cluster")
+            where.held.add(key)
+            where.recent.add(key)
+        return where.proxy.prefetch.remote(key, value, device)
 
-            if isinstance(exc, RayActorError):  # the node (or its proxy) died: place elsewhere from now on
-                node.alive = False
-                node.held.clear()
+    def _maybe_refresh(self) -> None:
+        """A look at the cluster in the background every ``refresh_every`` seconds."""
+        if self._refreshing or time.monotonic() - self._refreshed < self.refresh_every:
+            return
+        self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except errors.KaasError:
+                pass  # no node left: the next submit says so
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, name="kaas-ray-refresh", daemon=True).start()
+
+    def _reap(self) -> None:
+        """Notice requests ending (without fetching their outputs): each node's count of requests
+        waiting there and its time per request.  A node that died is left out at the next refresh."""
+        import ray
+
+        while True:
+            with self._lock:
+                refs = list(self._flight)
+                if not refs:
+                    self._reaping = False
+                    return
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.01, fetch_local=False)
+            now = time.monotonic()
+            with self._lock:
+                for ref in ready:
+                    node, started = self._flight.pop(ref)
+                    node.outstanding -= 1
+                    node.service = 0.8 * node.service + 0.2 * (now - started)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per node: requests sent, how many found their residents there already, alive."""
+        """Per node: requests sent, how many this driver expected to find their residents there
+        (``hits``), alive."""
         with self._lock:
             return {nid: {"requests": n.requests, "hits": n.hits, "alive": n.alive, "socket": n.socket}
                     for nid, n in self.nodes.items()}
@@ -439,6 +513,12 @@ def run_local(spec: GraphSpec, *, inputs: Mapping[str, Any] | None = None,
               token: str | None = None) -> dict[str, np.ndarray]:
     """Run ``spec`` on this node's broker from inside a task (or any process): no Ray hop, one
     connection and a pool of built graphs per process."""
+    return _run_local(spec, inputs, residents, timeout, token)[0]
+
+
+def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Mapping[str, np.ndarray] | None,
+               timeout: float | None, token: str | None) -> tuple[dict[str, np.ndarray], bool]:
+    """``run_local``, and whether this process held every resident already (for ``kaas-bench cluster``)."""
     from .client import connect
 
     inputs, residents = dict(inputs or {}), dict(residents or {})
@@ -450,9 +530,11 @@ def run_local(spec: GraphSpec, *, inputs: Mapping[str, Any] | None = None,
             _local["cache"] = _Cache()
         cache: _Cache = _local["cache"]
         res = {}
+        held = True
         for b in spec.of("resident"):
             key = resident_key(residents[b.name])
             r = cache.residents.get(key)
+            held = held and r is not None
             if r is None:
                 arr = _array(b, residents[b.name])
                 with c.arena(max(1, arr.nbytes)) as staging:  # the broker keeps its own copy
@@ -476,7 +558,7 @@ def run_local(spec: GraphSpec, *, inputs: Mapping[str, Any] | None = None,
         try:
             _fill(spec, built, inputs)
             c.run(built.graph, timeout=timeout)
-            return _outputs(spec, built)
+            return _outputs(spec, built), held
         finally:
             cache.give(spec, keys, built)
 

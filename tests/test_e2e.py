@@ -385,3 +385,26 @@ def test_status_names_the_broker_and_only_this_tenants_residents(broker_factory:
         assert st["devices"][0]["memory_free"] > 0
         with tenantlib.connect(b.socket) as again:  # the same broker: the same id
             assert again.status()["broker"]["id"] == st["broker"]["id"]
+
+
+def test_prefetch_puts_a_resident_on_a_device_before_it_is_used(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(device="cpu:0,1")
+    with tenantlib.connect(b.socket) as c:
+        x = c.array(4096)
+        x[...] = 1.5
+        r = c.resident(x)
+        assert c.status()["residents"][0]["devices"] == []  # registered: a host copy, on no device yet
+        assert c.prefetch(r, "cpu:1") == "cpu:1"
+        assert c.status()["residents"][0]["devices"] == ["cpu:1"]
+        assert c.prefetch(r) == "cpu:1"  # already there: nothing moves
+        y, z = c.array(4096), c.array(4096)
+        y[...] = 1.0
+        g = c.graph()
+        g.kernel(kernels.library(c), "vadd", grid=16, block=256, args=[g.resident(r), g.input(y), g.output(z), 4096])
+        assert c.run(g).device == "cpu:1"  # placement follows the resident
+        np.testing.assert_array_equal(z, np.full(4096, 2.5, dtype=np.float32))
+        with pytest.raises(errors.InvalidArgument, match="no shared device 'cuda:3'"):
+            c.prefetch(r, "cuda:3")
+        c.release_resident(r)
+        with pytest.raises(errors.UnknownResident):
+            c.prefetch(r)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,42 +24,18 @@ from tenantlib import ray as kr  # noqa: E402
 from tenantlib.kernels import testing  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tools.broker_process import BrokerProcess  # noqa: E402
+from tools.fake_cluster import fake_cluster  # noqa: E402
 
 TOKEN = "ray-job-token-for-the-tests"
 N = 64
-STORE = 80 * 2**20  # object store per node (Ray wants >= 75 MiB)
-
-
-def _config(path: str) -> str:
-    with open(path, "w") as f:
-        f.write('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
-                f'[[tenants]]\nname = "ray-job"\nuid = {os.geteuid()}\ntoken_sha256 = "{token_digest(TOKEN)}"\n')
-    return path
 
 
 @pytest.fixture(scope="module")
 def cluster(broker_env: dict[str, str]) -> Iterator[tuple[Any, list[BrokerProcess], list[str]]]:
-    from ray.cluster_utils import Cluster
-
-    tmp = tempfile.mkdtemp(prefix="kr-")  # short: Ray's sockets live under it
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["RAY_TMPDIR"] = tmp  # not /tmp/ray
-    os.makedirs(f"{tmp}/ray")
-    brokers = [BrokerProcess("cpu", config=_config(f"{tmp}/b{i}.toml"), env=broker_env).start() for i in range(2)]
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                      "object_store_memory": STORE, "temp_dir": f"{tmp}/ray"})
-    ids = []
-    for b in brokers:
-        node = c.add_node(num_cpus=1, resources={"kaas": 1}, labels={kr.LABEL: b.socket}, object_store_memory=STORE)
-        ids.append(node.node_id)
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c, brokers, ids
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        for b in brokers:
-            b.stop()
+    config = ('host_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
+              f'[[tenants]]\nname = "ray-job"\nuid = {os.geteuid()}\ntoken_sha256 = "{token_digest(TOKEN)}"\n')
+    with fake_cluster(2, config, env=broker_env) as fc:
+        yield fc.cluster, fc.brokers, fc.node_ids
 
 
 def _spec() -> kr.GraphSpec:
@@ -105,6 +80,22 @@ def test_submit_places_by_residents_and_pins(cluster: tuple[Any, list[BrokerProc
         kc.submit(spec, inputs={}, residents={"W": ra})
     with pytest.raises(errors.InvalidArgument, match="not an alive kaas node"):
         kc.submit(spec, inputs={"x": np.zeros((N, N), np.float32)}, residents={"W": ra}, node="no-such-node")
+
+
+def test_prefetch_puts_weights_where_the_next_requests_go(cluster: tuple[Any, list[BrokerProcess], list[str]]) -> None:
+    _, brokers, ids = cluster
+    kc = kr.KaasCluster(token=TOKEN)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((N, N)).astype(np.float32)
+    ref = ray.put(w)
+    assert ray.get(kc.prefetch(ref, node=ids[1])) == "cpu:0"  # that node's broker has one device
+    x = rng.standard_normal((N, N)).astype(np.float32)
+    out = ray.get(kc.submit(_spec(), inputs={"x": x}, residents={"W": ref}))
+    np.testing.assert_allclose(out["y"], w @ x, rtol=1e-4, atol=1e-4)
+    assert kc.stats()[ids[1]] == {"requests": 1, "hits": 1, "alive": True, "socket": brokers[1].socket}
+    info = ray.get(kc.nodes[ids[1]].proxy.info.remote())  # the proxy found it registered: a hit there too
+    assert info["hits"] >= 1 and info["healthy"] and len(info["broker"]["id"]) == 32
+    assert kr.resident_key(ref) in info["residents"]  # the broker reports it on a device
 
 
 def test_run_local_inside_a_task_uses_its_nodes_broker(cluster: tuple[Any, list[BrokerProcess], list[str]]) -> None:

@@ -5,6 +5,8 @@
     kaas-bench fuzz      [--device cpu] [--cases N] [--seed S] [--json]
     kaas-bench fairness  [--device cpu] [--seconds 20] [--weights 1,2] [--policy fair|fcfs] [--json] [--plot PNG]
     kaas-bench contention [--tenants 1,2,4,...] [--workload null,sgemm:1024,...] [--modes kaas,own-context,mps,exclusive]
+    kaas-bench soak      [--device cpu] [--tenants 64] [--seconds 60] [--chaos-every 2] [--json] [--plot PNG]
+    kaas-bench cluster   [--nodes 2] [--sets 6] [--size 512] [--fit 3] [--modes affinity,ray,local] [--json]
 
 Each starts its own broker on ``--device`` unless ``--socket`` names a running one.
 ``latency`` times the null graph (one empty kernel, no buffers) round trip from K tenant
@@ -316,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     fz.add_argument("--check-every", type=int, default=1000, help="run a healthy tenant's graph this often")
     fz.set_defaults(func=cmd_fuzz, device="cpu")
 
-    from bench import contention, soak
+    from bench import cluster, contention, soak
 
     contention.add_parser(sub)
     soak.add_parser(sub)
+    cluster.add_parser(sub)
 
     args = p.parse_args(argv)
     for name in ("iterations", "tenants"):
