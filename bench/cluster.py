@@ -1,11 +1,12 @@
 """``kaas-bench cluster``: kaas graphs from Ray, with cache-affine placement against Ray's own.
 
-    kaas-bench cluster [--nodes 2] [--sets 6] [--size 512] [--fit 3] [--requests 240] [--concurrency 8]
-                       [--modes affinity,ray,local] [--seed 0] [--json]
+    kaas-bench cluster [--nodes 2] [--sets 6] [--size 2048] [--batch 8] [--fit 3] [--requests 240]
+                       [--concurrency 8] [--modes affinity,ray,local] [--seed 0] [--json]
 
 A fake Ray cluster on this machine (``tools.fake_cluster``: a head and ``--nodes`` nodes, each with
-its own CPU-device broker) serves sgemm requests ``y = W x`` whose weights ``W`` come from
-``--sets`` sets (``--size`` square, float32, as object references), chosen at random.  Each
+its own CPU-device broker) serves requests ``y = W x`` (sgemm, ``x`` of ``--batch`` columns: little work
+for a lot of weights, as in inference) whose weights ``W`` come from ``--sets`` sets (``--size``
+square, float32, as object references), chosen at random.  Each
 broker's device holds ``--fit`` sets for the tenant (a ``device_memory`` quota), so the sets do
 not fit on every node.  Modes, each closed loop with ``--concurrency`` requests in flight:
 
@@ -32,15 +33,16 @@ import numpy as np
 MODES = ("affinity", "ray", "local")
 
 
-def _spec(n: int) -> Any:
+def _spec(n: int, batch: int) -> Any:
+    """y = W x for weights W (n x n, resident) and a batch of ``batch`` columns x (n x batch)."""
     from tenantlib import kernels
     from tenantlib import ray as kr
 
-    grid, block = kernels.sgemm_launch(n, n)
+    grid, block = kernels.sgemm_launch(n, batch)
     return kr.GraphSpec(libraries={"std": kr.Source(kernels.SOURCE, kernels.KERNELS)},
-                        buffers=(kr.Buffer("W", "resident", (n, n)), kr.Buffer("x", "in", (n, n)),
-                                 kr.Buffer("y", "out", (n, n))),
-                        launches=(kr.Launch("std", "sgemm", grid, block, ("W", "x", "y", n, n, n)),))
+                        buffers=(kr.Buffer("W", "resident", (n, n)), kr.Buffer("x", "in", (n, batch)),
+                                 kr.Buffer("y", "out", (n, batch))),
+                        launches=(kr.Launch("std", "sgemm", grid, block, ("W", "x", "y", n, batch, n)),))
 
 
 def _closed_loop(submit: Any, pick: Any, requests: int, concurrency: int) -> tuple[list[float], list[bool], float]:
@@ -74,8 +76,9 @@ def _row(mode: str, concurrency: int, lat: list[float], ok: list[bool], wall: fl
             "hit_rate": hits / total if total else None}
 
 
-def run(nodes: int = 2, sets: int = 6, size: int = 512, fit: int = 3, requests: int = 240, concurrency: int = 8,
-        modes: tuple[str, ...] = MODES, seed: int = 0, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run(nodes: int = 2, sets: int = 6, size: int = 2048, fit: int = 3, requests: int = 240, concurrency: int = 8,
+        modes: tuple[str, ...] = MODES, seed: int = 0, env: dict[str, str] | None = None,
+        batch: int = 8) -> dict[str, Any]:
     import ray
 
     from tenantlib import ray as kr
@@ -84,10 +87,10 @@ def run(nodes: int = 2, sets: int = 6, size: int = 512, fit: int = 3, requests: 
     rng = np.random.default_rng(seed)
     set_bytes = size * size * 4
     # Room for ``fit`` weight sets and the graphs' own buffers (x, y) on each node's device.
-    config = f"[tenant_defaults]\ndevice_memory = {fit * set_bytes + 4 * set_bytes}\n"
+    config = f"[tenant_defaults]\ndevice_memory = {fit * set_bytes + set_bytes // 2}\n"
     weights = [rng.standard_normal((size, size)).astype(np.float32) / np.float32(np.sqrt(size)) for _ in range(sets)]
-    xs = [rng.standard_normal((size, size)).astype(np.float32) for _ in range(8)]
-    spec = _spec(size)
+    xs = [rng.standard_normal((size, batch)).astype(np.float32) for _ in range(8)]
+    spec = _spec(size, batch)
     choice = rng.integers(0, sets, size=requests)
     rows: list[dict[str, Any]] = []
     with fake_cluster(nodes, config, env=env) as fc:
@@ -115,8 +118,10 @@ def run(nodes: int = 2, sets: int = 6, size: int = 512, fit: int = 3, requests: 
 
         if "ray" in modes:
             @ray.remote(num_cpus=0, resources={"kaas": 0.01})
-            def task(w: np.ndarray, x: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
-                return kr._run_local(spec, {"x": x}, {"W": w}, None, None)
+            def task(w: list[Any], x: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
+                # The weights' reference comes in a list, so Ray does not fetch them: run_local
+                # does, only when this worker process has not registered them yet.
+                return kr._run_local(spec, {"x": x}, {"W": w[0]}, None, None)
 
             held: list[bool] = []
 
@@ -127,7 +132,7 @@ def run(nodes: int = 2, sets: int = 6, size: int = 512, fit: int = 3, requests: 
                 def check_and_count(res: tuple[dict[str, np.ndarray], bool]) -> bool:
                     held.append(res[1])
                     return bool(inner(res[0]))
-                return task.remote(refs[i], xs[j]), check_and_count
+                return task.remote([refs[i]], xs[j]), check_and_count
 
             lat, ok, wall = _closed_loop(submit_ray, lambda k: k, requests, concurrency)
             rows.append(_row("ray", concurrency, lat, ok, wall, held.count(True), len(held)))
@@ -142,19 +147,19 @@ def run(nodes: int = 2, sets: int = 6, size: int = 512, fit: int = 3, requests: 
             for k in range(requests):
                 i, j = int(choice[k]), k % len(xs)
                 started = time.perf_counter()
-                out, had = kr._run_local(spec, {"x": xs[j]}, {"W": weights[i]}, None, None)
+                out, had = kr._run_local(spec, {"x": xs[j]}, {"W": refs[i]}, None, None)
                 lat.append(time.perf_counter() - started)
                 ok.append(bool(check(i, j)(out)))
                 local_hits += had
             rows.append(_row("local", 1, lat, ok, time.perf_counter() - t0, local_hits, requests))
-    return {"bench": "cluster", "nodes": nodes, "sets": sets, "size": size, "fit": fit, "requests": requests,
-            "rows": rows}
+    return {"bench": "cluster", "nodes": nodes, "sets": sets, "size": size, "batch": batch, "fit": fit,
+            "requests": requests, "rows": rows}
 
 
 def show(doc: dict[str, Any]) -> str:
     lines = [f"cluster: {doc['nodes']} fake nodes, {doc['sets']} weight sets of {doc['size']}^2 float32 "
-             f"({doc['size'] ** 2 * 4 / 2**20:.1f} MiB), {doc['fit']} fit on a node's device; {doc['requests']} "
-             "requests a mode", "",
+             f"({doc['size'] ** 2 * 4 / 2**20:.1f} MiB), {doc['fit']} fit on a node's device; y = W x with x of "
+             f"{doc.get('batch', '?')} columns; {doc['requests']} requests a mode", "",
              f"{'mode':9} {'in flight':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'hit rate':>8} {'wrong':>5}"]
     for r in doc["rows"]:
         hit = f"{r['hit_rate']:.2f}" if r["hit_rate"] is not None else "-"
@@ -167,7 +172,8 @@ def add_parser(sub: Any) -> None:
     sp = sub.add_parser("cluster", help="kaas graphs from Ray: cache-affine placement against Ray's own")
     sp.add_argument("--nodes", type=int, default=2)
     sp.add_argument("--sets", type=int, default=6, help="weight sets the requests choose from")
-    sp.add_argument("--size", type=int, default=512, help="weights are SIZE x SIZE float32")
+    sp.add_argument("--size", type=int, default=2048, help="weights are SIZE x SIZE float32")
+    sp.add_argument("--batch", type=int, default=8, help="columns of each request's input x (SIZE x BATCH)")
     sp.add_argument("--fit", type=int, default=3, help="weight sets one node's device holds")
     sp.add_argument("--requests", type=int, default=240, help="requests per mode")
     sp.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
@@ -186,6 +192,7 @@ def _cmd(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"kaas-bench cluster: unknown mode(s) {bad} (known: {', '.join(MODES)})")
-    doc = run(args.nodes, args.sets, args.size, args.fit, args.requests, args.concurrency, modes, args.seed)
+    doc = run(args.nodes, args.sets, args.size, args.fit, args.requests, args.concurrency, modes, args.seed,
+              batch=args.batch)
     print(json.dumps(doc, indent=1) if args.json else show(doc))
     return 0 if all(r["wrong"] == 0 for r in doc["rows"]) else 1

@@ -61,6 +61,7 @@ SHARE_WEIGHTS = (1, 2, 3, 4)
 SHARE_TOLERANCE = 0.05                    # the share group's shares against its weights' (5 points)
 FLAT = 0.05                               # resources after warm-up against the end of the load
 FAULTS = ("crash", "runaway", "kill_tenant", "kill_worker", "flood", "garbage", "scribble", "library_loop")
+STALL_LIMIT = 30.0  # seconds without any well-behaved tenant's completion: the device is down, not slow
 FAULT_WINDOW = 2.0  # seconds after a fault in which a well-behaved tenant's latency counts as "during a fault"
 _SLOW = 'extern "C" __global__ void slow(int ms) {}\nextern "C" __global__ void hang() {}\nextern "C" __global__ void crash() {}\n'
 
@@ -376,7 +377,7 @@ def _memory_sample(rows: list[dict[str, Any]] | None) -> dict[str, int]:
 
 def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_every: float = 2.0, seed: int = 0,
         warmup: float = 5.0, inflight: int = 2, env: dict[str, str] | None = None, open_rate: float = 0.0,
-        memory_slack_mib: float = 256.0) -> dict[str, Any]:
+        memory_slack_mib: float = 256.0, broker_log: str | None = None) -> dict[str, Any]:
     from tools.broker_process import BrokerProcess
 
     root = os.geteuid() == 0
@@ -398,7 +399,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     events: list[tuple[float, str]] = []
     stats: list[tuple[float, dict[str, int]]] = []
     ctx = mp.get_context("fork")
-    with BrokerProcess(device, config=str(cfg), env=env) as b:
+    with BrokerProcess(device, config=str(cfg), env=env, log=broker_log) as b:
         os.chmod(os.path.dirname(b.socket), 0o755)
         assert b.proc is not None
         bpid = b.proc.pid
@@ -456,12 +457,14 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
         shares_to = admin.tenants()
         time.sleep(1.0)  # the broker lets go of what closed sessions held
         idle_memory = admin.memory()
+        broker_stats = dict(admin.c.status().get("stats", {}))
         stats.append((time.monotonic() - t0, {**_proc_stats(bpid), **_memory_sample(idle_memory)}))
         admin.close()
     cfg.unlink()
     cfg_dir.rmdir()
     shm_left = sorted((set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) - shm_before)
     doc = _report(results, events, stats, t0, warmup, shm_left, seconds, device, seed, load_end)
+    doc["broker_stats"] = broker_stats  # worker restarts, failed respawns, replays, deadline kills, ...
     _check_memory(doc, baseline, idle_memory, memory_slack_mib)
     _check_shares(doc, shares_from, shares_to)
     doc["ok"] = not doc["problems"]
@@ -526,8 +529,15 @@ def _report(results: list[dict[str, Any]], events: list[tuple[float, str]], stat
                             f"against at most {max(early)} in the first")
     if shm_left:
         problems.append(f"/dev/shm holds {len(shm_left)} new entries: {shm_left[:5]}")
+    # The longest time no well-behaved tenant got any completion: a device that stays down shows here.
+    done_at = sorted(t - t0 for r in ok for t, _, _ in r["samples"])
+    stall = max((b - a for a, b in zip([warmup, *done_at], [*done_at, warmup + seconds], strict=False)
+                 if warmup <= b), default=0.0)
     timeline = [{"t": round(t, 2), **s} for t, s in stats]
-    return {"bench": "soak", "device": device, "seconds": seconds, "seed": seed, "tenants": rows,
+    if stall > STALL_LIMIT:
+        problems.append(f"no well-behaved tenant got a completion for {stall:.1f} s (limit {STALL_LIMIT:g} s)")
+    return {"longest_stall_s": round(stall, 2), "bench": "soak", "device": device, "seconds": seconds, "seed": seed,
+            "tenants": rows,
             "faults": [{"at": round(t - t0, 2), "fault": f} for t, f in events], "resources": resources,
             "timeline": timeline, "throughput": _per_second(ok, t0), "problems": problems}
 
@@ -612,6 +622,12 @@ def show(doc: dict[str, Any]) -> str:
                      f"{ms(r['p99_ms_faults']):>10} {ms(r['p99_ms_calm']):>9}")
     lines.append("(* the broker's own counters, kaasctl tenants; p99 in ms, faults: the 2 s after each fault)")
     lines.append("")
+    lines.append(f"longest time without any completion (all tenants): {doc.get('longest_stall_s', '-')} s")
+    st = doc.get("broker_stats") or {}
+    if st:
+        lines.append("broker: " + ", ".join(f"{k} {st[k]}" for k in ("graphs", "graph_errors", "worker_restarts",
+                                                                     "respawn_failures", "replays", "deadline_kills")
+                                           if k in st))
     sh = doc.get("shares", {})
     if sh.get("checked"):
         lines.append("share group (device time after warm-up): " + ", ".join(
@@ -689,6 +705,7 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--memory-slack-mib", type=float, default=256.0,
                     help="device memory the residents and graph pool need not explain (modules, CUDA graphs)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--broker-log", metavar="PATH", help="keep the broker's log there (for a post-mortem)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--plot", metavar="PNG", help="latency, throughput, broker RSS and device memory over time")
     sp.add_argument("--from-json", metavar="PATH", help="show (and plot) the result of an earlier --json run")
@@ -703,7 +720,7 @@ def _cmd(args: argparse.Namespace) -> int:
             doc = json.load(f)
     else:
         doc = run(args.device, args.tenants, args.seconds, args.chaos_every, args.seed, args.warmup, args.inflight,
-                  open_rate=args.open_rate, memory_slack_mib=args.memory_slack_mib)
+                  open_rate=args.open_rate, memory_slack_mib=args.memory_slack_mib, broker_log=args.broker_log)
     print(json.dumps(doc, indent=1) if args.json else show(doc))
     if args.plot:
         _plot(doc, args.plot)

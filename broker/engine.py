@@ -84,7 +84,7 @@ class Engine(Registry, Dispatch, Supervision):
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
-                                      "worker_restarts": 0, "replays": 0, "deadline_kills": 0, "evictions": 0,
+                                      "worker_restarts": 0, "respawn_failures": 0, "replays": 0, "deadline_kills": 0, "evictions": 0,
                                       "prepared": 0, "prepared_live": 0, "ring_runs": 0, "library_evictions": 0,
                                       "library_drops": 0}
         self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults

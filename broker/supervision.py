@@ -127,8 +127,10 @@ class Supervision(EngineBase):
                 await w.start()
                 self.workers[device] = w  # new arenas and libraries reach it from here on
                 await self._restore(w)
-            except (TimeoutError, errors.KaasError) as exc:
-                log.warning("worker_respawn_failed", device=device, error=str(exc), retry_in=delay)
+            except Exception as exc:  # whatever it was (out of fds, a failed fork too): try again, never give up
+                self.stats["respawn_failures"] += 1
+                log.warning("worker_respawn_failed", device=device, error=f"{type(exc).__name__}: {exc}",
+                            retry_in=delay, exc_info=not isinstance(exc, (TimeoutError, errors.KaasError)))
                 w.kill()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -495,6 +495,15 @@ _local: dict[str, Any] = {}
 _local_lock = threading.Lock()
 
 
+def _fetch(value: Any) -> Any:
+    """An array, or the object an ObjectRef names (fetched into this process)."""
+    if isinstance(value, np.ndarray) or not callable(getattr(value, "hex", None)):
+        return value
+    import ray
+
+    return ray.get(value)
+
+
 def _local_socket() -> str:
     sock = os.environ.get("KAAS_SOCKET")
     if sock:
@@ -509,14 +518,16 @@ def _local_socket() -> str:
 
 
 def run_local(spec: GraphSpec, *, inputs: Mapping[str, Any] | None = None,
-              residents: Mapping[str, np.ndarray] | None = None, timeout: float | None = None,
+              residents: Mapping[str, Any] | None = None, timeout: float | None = None,
               token: str | None = None) -> dict[str, np.ndarray]:
     """Run ``spec`` on this node's broker from inside a task (or any process): no Ray hop, one
-    connection and a pool of built graphs per process."""
+    connection and a pool of built graphs per process.  Inputs and residents are arrays or object
+    references; a resident given by reference is fetched only when this process does not hold it
+    (an array is named by its content, which costs a hash of it on every call)."""
     return _run_local(spec, inputs, residents, timeout, token)[0]
 
 
-def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Mapping[str, np.ndarray] | None,
+def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Mapping[str, Any] | None,
                timeout: float | None, token: str | None) -> tuple[dict[str, np.ndarray], bool]:
     """``run_local``, and whether this process held every resident already (for ``kaas-bench cluster``)."""
     from .client import connect
@@ -531,19 +542,18 @@ def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Map
         cache: _Cache = _local["cache"]
         res = {}
         held = True
-        for b in spec.of("resident"):
-            key = resident_key(residents[b.name])
+        keys = tuple(resident_key(residents[b.name]) for b in spec.of("resident"))
+        for b, key in zip(spec.of("resident"), keys, strict=True):
             r = cache.residents.get(key)
             held = held and r is not None
             if r is None:
-                arr = _array(b, residents[b.name])
+                arr = _array(b, _fetch(residents[b.name]))  # an object reference is fetched only now
                 with c.arena(max(1, arr.nbytes)) as staging:  # the broker keeps its own copy
                     view = staging.array(arr.shape, arr.dtype)
                     view[...] = arr
                     r = c.resident(view)
                 cache.remember(key, r)
             res[b.name] = r
-        keys = tuple(resident_key(residents[b.name]) for b in spec.of("resident"))
         built = cache.take(spec, keys)
         if built is None:
             libs = {}
@@ -556,7 +566,7 @@ def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Map
             arrays = {b.name: c.array(b.shape, b.dtype) for b in spec.of("in", "out", "inout")}
             built = _Built(_graph(spec, libs, arrays, res), arrays)
         try:
-            _fill(spec, built, inputs)
+            _fill(spec, built, {k: _fetch(v) for k, v in inputs.items()})
             c.run(built.graph, timeout=timeout)
             return _outputs(spec, built), held
         finally:

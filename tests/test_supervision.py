@@ -87,3 +87,30 @@ def test_a_worker_killed_from_outside_does_not_blame_the_graph_it_ran(broker_fac
         pending.result()  # replayed alone, and it runs to the end
         st = c.status()["stats"]
         assert st["worker_restarts"] == 1 and st["replays"] == 1
+
+
+def test_a_respawn_that_fails_for_any_reason_is_tried_again(broker_factory: BrokerFactory) -> None:
+    """Out of file descriptors, a respawn fails with OSError (no KaasError): it is retried until it
+    succeeds, and the device comes back (before, the respawn task died and the device stayed down)."""
+    import resource
+
+    b = broker_factory()
+    pid = broker_pid(b)
+    with tenantlib.connect(b.socket) as client:
+        lib = kernels.library(client)
+        n = 256
+        x, y, z = (client.array(n) for _ in range(3))
+        x[...], y[...] = 1.0, 2.0
+        _vadd(client, lib, x, y, z)
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        try:
+            used = len(os.listdir(f"/proc/{pid}/fd"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 1, limits[1]))  # no room for a worker's fds
+            (worker,) = children(pid)
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: client.status()["stats"]["respawn_failures"], lambda k: k >= 2, "failed respawns")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        wait_for(lambda: client.status()["stats"]["worker_restarts"], lambda k: k == 1, "the respawn")
+        x[...] = 5.0
+        _vadd(client, lib, x, y, z)
