@@ -391,7 +391,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     cfg_dir.mkdir(exist_ok=True)
     cfg = cfg_dir / "broker.toml"
     cfg.write_text('socket_mode = 438\nhost_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
-                   "tenant_max_libraries = 16\ntenant_max_residents = 64\n" + rules)
+                   "tenant_max_libraries = 16\ntenant_max_residents = 64\nmax_libraries = 32\n" + rules)
     from bench.fairness import _preload
 
     _preload()

@@ -374,10 +374,14 @@ class Registry(EngineBase):
             rec.ready = asyncio.get_running_loop().create_future()
             self.libraries[digest] = rec
             try:
+                targets = [w for w in self.workers.values() if w.alive]
                 outcomes = await asyncio.gather(*(
                     w.call(WLoadLibrary(w.next_seq(), digest, fmt, data, kernels, tuple(options)))
-                    for w in list(self.workers.values()) if w.alive), return_exceptions=True)
+                    for w in targets), return_exceptions=True)
                 _raise_unless_lost(outcomes)
+                for w, r in zip(targets, outcomes, strict=True):
+                    if isinstance(r, WReply):
+                        w.libraries.add(digest)
                 rec.log = "\n".join(str(r.info.get("log", "")) for r in outcomes
                                     if isinstance(r, WReply) and r.info.get("log"))
                 self.stats["library_loads"] += 1
@@ -390,6 +394,7 @@ class Registry(EngineBase):
         else:
             assert rec.ready is not None
             await asyncio.shield(rec.ready)
+            await self._load_where_missing(rec)
         if self.libraries.get(digest) is rec:  # held while loading, so never dropped meanwhile
             self.libraries[digest] = self.libraries.pop(digest)  # most recently used last
         if digest not in tenant.library_sigs:
@@ -473,10 +478,26 @@ class Registry(EngineBase):
             rec.holders.discard(tenant.name)
         self.stats["library_evictions"] += 1
 
+    async def _load_where_missing(self, rec: LibraryRecord) -> None:
+        """Load a cached library on the workers that lack it: a respawned worker loads only the
+        libraries some tenant holds (``Supervision._restore``), so one nobody held comes back here,
+        when a tenant registers it again."""
+        targets = [w for w in self.workers.values() if w.alive and rec.digest not in w.libraries]
+        if not targets:
+            return
+        outcomes = await asyncio.gather(*(
+            w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data, tuple(rec.kernels.values()),
+                                rec.options)) for w in targets), return_exceptions=True)
+        _raise_unless_lost(outcomes)
+        for w, r in zip(targets, outcomes, strict=True):
+            if isinstance(r, WReply):
+                w.libraries.add(rec.digest)
+
     def _drop_library(self, rec: LibraryRecord) -> None:
         """Forget a library no one holds or uses, in the broker and on every device."""
         del self.libraries[rec.digest]
         for w in self.workers.values():
+            w.libraries.discard(rec.digest)
             if w.alive:
                 w.send_cb(WUnloadLibrary(w.next_seq(), rec.digest), functools.partial(_unloaded, w.device, rec.digest))
         self.stats["library_drops"] += 1

@@ -148,7 +148,10 @@ class Supervision(EngineBase):
             return
 
     async def _restore(self, w: WorkerHandle) -> None:
-        """Give a fresh worker every live arena and library; one that fails is logged, not fatal."""
+        """Give a fresh worker every live arena, and the libraries some tenant holds or a prepared graph
+        uses (the cache also keeps libraries of tenants that left: loaded again when registered again,
+        so that a broker that cached hundreds does not spend its recovery compiling them); one that
+        fails is logged, not fatal."""
         for a in list(self.arenas.values()):
             if a.gid in self.arenas and self._serves(w, a.tenant):
                 try:
@@ -160,15 +163,20 @@ class Supervision(EngineBase):
         for rec in list(self.libraries.values()):
             if rec.ready is not None and not rec.ready.done():
                 await asyncio.wait([rec.ready])
-            if rec.digest not in self.libraries:
+            if rec.digest not in self.libraries or not (rec.holders or rec.refs):
                 continue
             try:
                 await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
                                           tuple(rec.kernels.values()), rec.options))
+                w.libraries.add(rec.digest)
             except errors.WorkerLost:
                 raise
             except errors.KaasError as exc:
                 log.warning("library_restore_failed", device=w.device, library=rec.digest[:16], error=str(exc))
+        # A library registered while this worker came up may have missed it (its load went to the old one).
+        for rec in [r for r in self.libraries.values() if (r.holders or r.refs) and r.digest not in w.libraries
+                    and r.ready is not None and r.ready.done() and r.ready.exception() is None]:
+            await self._load_where_missing(rec)
 
     def _deadline_passed(self, job_id: int, w: WorkerHandle, limit: float) -> None:
         """A kernel cannot be stopped from inside its process: the worker goes, innocents replay."""

@@ -48,6 +48,7 @@ class WorkerHandle:
         self.info: dict[str, Any] = {}
         self.pinned: set[int] = set()  # arenas this worker was asked to map (marked before sending)
         self.prepared: set[int] = set()  # prepared graphs sent to it (marked before sending)
+        self.libraries: set[str] = set()  # libraries it loaded (a respawn loads only what a tenant holds)
         self.poisoned = False  # it said a sticky fault ended it: what it does not answer never ran
         self.on_poisoned: Callable[[WorkerHandle], None] | None = None
         self.proc: subprocess.Popen[bytes] | None = None

@@ -114,3 +114,37 @@ def test_a_respawn_that_fails_for_any_reason_is_tried_again(broker_factory: Brok
         wait_for(lambda: client.status()["stats"]["worker_restarts"], lambda k: k == 1, "the respawn")
         x[...] = 5.0
         _vadd(client, lib, x, y, z)
+
+
+def test_a_respawn_loads_only_the_libraries_someone_holds(broker_factory: BrokerFactory) -> None:
+    """Libraries of tenants that left stay cached in the broker but are not compiled into a new
+    worker (the H200 soak's culprits left hundreds); registered again, one is loaded where missing."""
+    from broker.tenants import token_digest
+
+    uid = os.geteuid()
+    b = broker_factory("".join(f'[[tenants]]\nname = "{n}"\nuid = {uid}\ntoken_sha256 = "{token_digest(n + "-tok")}"\n'
+                               for n in ("stays", "leaves")))
+    pid = broker_pid(b)
+    own = kernels.SOURCE + "\n// the leaving tenant's own copy\n"
+    with tenantlib.connect(b.socket, token="stays-tok") as stays:
+        lib = kernels.library(stays)
+        with tenantlib.connect(b.socket, token="leaves-tok") as leaves:
+            leaves.library(own, kernels=kernels.KERNELS)
+        usage = lambda: stays.admin("memory")[0]["worker"]  # noqa: E731
+        gone = lambda: next((t["sessions"] for t in stays.admin("tenants") if t["tenant"] == "leaves"), 0)  # noqa: E731
+        wait_for(gone, lambda k: k == 0, "the leaving tenant's session to close")
+        assert usage()["libraries"] == 2
+        (worker,) = children(pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: stays.status()["stats"]["worker_restarts"], lambda k: k == 1, "the respawn")
+        assert usage()["libraries"] == 1  # only what a tenant holds
+        n = 256
+        x, y, z = (stays.array(n) for _ in range(3))
+        x[...], y[...] = 1.0, 2.0
+        _vadd(stays, lib, x, y, z)
+        with tenantlib.connect(b.socket, token="leaves-tok") as back:
+            again = back.library(own, kernels=kernels.KERNELS)  # cached in the broker: loaded where missing
+            assert usage()["libraries"] == 2
+            a, c, d = (back.array(n) for _ in range(3))
+            a[...], c[...] = 3.0, 4.0
+            _vadd(back, again, a, c, d)

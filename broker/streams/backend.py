@@ -44,8 +44,8 @@ class Backend(abc.ABC):
 
     def usage(self) -> dict[str, int]:
         """What this device holds now, by the backend's own count (``kaasctl memory`` sets it beside
-        the broker's accounting): at least ``residents`` and ``resident_bytes``."""
-        return {"residents": 0, "resident_bytes": 0}
+        the broker's accounting): at least ``residents``, ``resident_bytes`` and ``libraries``."""
+        return {"residents": 0, "resident_bytes": 0, "libraries": 0}
 
     @abc.abstractmethod
     def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],

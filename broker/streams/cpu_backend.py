@@ -82,7 +82,8 @@ class CpuBackend(Backend):
                 "arch": "host", "cores": os.cpu_count() or 1}
 
     def usage(self) -> dict[str, int]:
-        return {"residents": len(self._residents), "resident_bytes": sum(a.nbytes for a in self._residents.values())}
+        return {"residents": len(self._residents), "resident_bytes": sum(a.nbytes for a in self._residents.values()),
+                "libraries": len(self._libraries)}
 
     def load_library(self, library: str, fmt: str, data: bytes, kernels: tuple[KernelSpec, ...],
                      options: tuple[str, ...]) -> str:

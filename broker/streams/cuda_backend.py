@@ -163,7 +163,7 @@ class CudaBackend(Backend):
                      "pool reserved")
         free, total = check(driver.cuMemGetInfo(), "cuMemGetInfo")
         return {"residents": len(self._residents), "resident_bytes": sum(r.size for r in self._residents.values()),
-                "pool_used": int(used), "pool_reserved": int(held),
+                "libraries": len(self._libraries), "pool_used": int(used), "pool_reserved": int(held),
                 "lane_slabs": sum(1 for ln in self._lanes if ln.slab) * self.lane_slab,
                 "device_used": int(total) - int(free), "device_total": int(total)}
 
