@@ -654,14 +654,9 @@ def show(doc: dict[str, Any]) -> str:
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    from tools.bench import _pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("kaas-bench: --plot needs matplotlib (pip install 'kaas[plot]')") from None
-    return plt
+    return _pyplot()
 
 
 def _plot(doc: dict[str, Any], path: str) -> None:
