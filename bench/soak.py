@@ -458,6 +458,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
         time.sleep(1.0)  # the broker lets go of what closed sessions held
         idle_memory = admin.memory()
         broker_stats = dict(admin.c.status().get("stats", {}))
+        admin_allowed = admin.allowed
         stats.append((time.monotonic() - t0, {**_proc_stats(bpid), **_memory_sample(idle_memory)}))
         admin.close()
     cfg.unlink()
@@ -465,6 +466,8 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     shm_left = sorted((set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) - shm_before)
     doc = _report(results, events, stats, t0, warmup, shm_left, seconds, device, seed, load_end)
     doc["broker_stats"] = broker_stats  # worker restarts, failed respawns, replays, deadline kills, ...
+    if admin_allowed and idle_memory is None:
+        doc["problems"].append("the broker did not answer the memory view at idle")
     _check_memory(doc, baseline, idle_memory, memory_slack_mib)
     _check_shares(doc, shares_from, shares_to)
     doc["ok"] = not doc["problems"]
@@ -531,7 +534,7 @@ def _report(results: list[dict[str, Any]], events: list[tuple[float, str]], stat
         problems.append(f"/dev/shm holds {len(shm_left)} new entries: {shm_left[:5]}")
     # The longest time no well-behaved tenant got any completion: a device that stays down shows here.
     done_at = sorted(t - t0 for r in ok for t, _, _ in r["samples"])
-    stall = max((b - a for a, b in zip([warmup, *done_at], [*done_at, warmup + seconds], strict=False)
+    stall = max((b - max(a, warmup) for a, b in zip([warmup, *done_at], [*done_at, warmup + seconds], strict=False)
                  if warmup <= b), default=0.0)
     timeline = [{"t": round(t, 2), **s} for t, s in stats]
     if stall > STALL_LIMIT:
@@ -559,7 +562,8 @@ def _check_memory(doc: dict[str, Any], baseline: dict[str, int], idle: list[dict
     worker's graph pool (lane slabs, cached blocks) within ``slack_mib`` (module code, CUDA-graph
     executables)."""
     if idle is None:
-        doc["memory"] = {"checked": False, "why": "the admin commands need root or the admin group"}
+        doc["memory"] = {"checked": False, "why": "the admin commands need root or the admin group, or it did "
+                                                  "not answer"}
         return
     out: dict[str, Any] = {"checked": True, "slack_mib": slack_mib, "devices": idle, "baseline": baseline}
     for m in idle:
@@ -572,7 +576,7 @@ def _check_memory(doc: dict[str, Any], baseline: dict[str, int], idle: list[dict
                                    f"the worker holds {w['resident_bytes']}")
         if m["accounted_graphs"]:
             doc["problems"].append(f"{m['device']}: {m['accounted_graphs']} bytes still reserved for graphs at idle")
-        if "device_used" in w and "worker_device_used" in baseline:
+        if "device_used" in w and "worker_device_used" in baseline and m is idle[0]:  # the baseline is the first device's
             unexplained = w["device_used"] - baseline["worker_device_used"] - w["resident_bytes"] - w["pool_reserved"]
             out.setdefault("unexplained_mib", {})[m["device"]] = round(unexplained / 2**20, 1)
             if abs(unexplained) > slack_mib * 2**20:

@@ -309,9 +309,13 @@ class Dispatch(EngineBase):
         """Put ``rec`` on ``device`` (or the shared device with the most free memory) ahead of the
         graphs that will use it; returns the device.  It is then resident like any other: kept
         while used, evicted (least recently used first) when room is needed."""
+        if tenant in self.dedicated:
+            raise errors.InvalidArgument("prefetch places residents on shared devices; this tenant's graphs run "
+                                         "on its dedicated workers")
         if device and device not in self.devices:
             raise errors.InvalidArgument(f"no shared device {device!r} (devices: {', '.join(self.devices)})")
-        shared = [d for d in self.devices if self.workers[d].alive]
+        sched = self.scheduler
+        shared = [d for d in self.devices if self.workers[d].alive and d not in sched.down and d not in sched.drained]
         if not shared:
             raise errors.NoDevice("no device worker is running")
         held = [d for d in rec.devices if d in shared]

@@ -394,7 +394,15 @@ class Registry(EngineBase):
         else:
             assert rec.ready is not None
             await asyncio.shield(rec.ready)
-            await self._load_where_missing(rec)
+            for _ in range(3):  # dropped from the cache while it loaded (no holder meanwhile): keep it again
+                await self._load_where_missing(rec)
+                if self.libraries.get(digest) is rec:
+                    break
+                self.libraries[digest] = rec
+                for w in self.workers.values():
+                    w.libraries.discard(digest)  # its unload was sent: load it again
+            else:
+                raise errors.InternalError(f"library {digest[:16]} kept leaving the cache while it was registered")
         if self.libraries.get(digest) is rec:  # held while loading, so never dropped meanwhile
             self.libraries[digest] = self.libraries.pop(digest)  # most recently used last
         if digest not in tenant.library_sigs:

@@ -268,9 +268,6 @@ class Session:
             res = self.state.residents.get(msg.resident)
             if res is None:
                 raise errors.UnknownResident(f"resident {msg.resident[:16]!r} is not registered by this tenant")
-            if self.tenant.policy.isolation == "dedicated":
-                raise errors.InvalidArgument("prefetch places residents on shared devices; this tenant's graphs "
-                                             "run on its dedicated workers")
             self._finish(req, Prefetched(req, self.engine.prefetch(self.tenant.name, res, msg.device)))
         elif isinstance(msg, Ping):
             self._finish(req, Pong(req))
@@ -469,8 +466,9 @@ class Session:
             if "#" not in name:  # a shared device (a dedicated one belongs to its tenant)
                 d["memory_free"] = max(0, eng.pool.capacity(name) - eng.pool.used(name))
         mine = self.state.residents.values() if self.state is not None else ()
+        serving = [w for w in eng.workers.values() if eng._serves(w, self.state)]  # this tenant's devices
         return {"session": self.id, "tenant": self.tenant.name if self.tenant else None, "broker": eng.identity,
-                "devices": devices, "queued": eng.queued, "healthy": all(w.alive for w in eng.workers.values()),
+                "devices": devices, "queued": eng.queued, "healthy": all(w.alive for w in serving),
                 "residents": [{"digest": r.digest, "bytes": r.nbytes, "devices": sorted(r.devices)} for r in mine],
                 "arenas": len(self.arenas), "inflight": len(self.inflight), "stats": dict(eng.stats)}
 

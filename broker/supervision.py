@@ -19,7 +19,7 @@ from . import errors
 from .dispatch import _Pending
 from .engine_base import EngineBase
 from .graph import Template
-from .registry import TenantState
+from .registry import LibraryRecord, TenantState
 from .scheduler import Scheduler
 from .streams.wire import (
     WLoadLibrary,
@@ -160,23 +160,29 @@ class Supervision(EngineBase):
                     raise
                 except errors.KaasError as exc:
                     log.warning("arena_restore_failed", device=w.device, arena=a.gid, error=str(exc))
+        tried: set[str] = set()
         for rec in list(self.libraries.values()):
             if rec.ready is not None and not rec.ready.done():
                 await asyncio.wait([rec.ready])
-            if rec.digest not in self.libraries or not (rec.holders or rec.refs):
-                continue
-            try:
-                await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
-                                          tuple(rec.kernels.values()), rec.options))
-                w.libraries.add(rec.digest)
-            except errors.WorkerLost:
-                raise
-            except errors.KaasError as exc:
-                log.warning("library_restore_failed", device=w.device, library=rec.digest[:16], error=str(exc))
-        # A library registered while this worker came up may have missed it (its load went to the old one).
-        for rec in [r for r in self.libraries.values() if (r.holders or r.refs) and r.digest not in w.libraries
-                    and r.ready is not None and r.ready.done() and r.ready.exception() is None]:
-            await self._load_where_missing(rec)
+            if rec.digest in self.libraries and (rec.holders or rec.refs):
+                tried.add(rec.digest)
+                await self._restore_library(w, rec)
+        # A library registered while this worker came up may have missed it (its load went to the old
+        # one); each is tried once here, and one that fails is logged like any other.
+        for rec in [r for r in self.libraries.values() if (r.holders or r.refs) and r.digest not in tried
+                    and r.digest not in w.libraries and r.ready is not None and r.ready.done()
+                    and r.ready.exception() is None]:
+            await self._restore_library(w, rec)
+
+    async def _restore_library(self, w: WorkerHandle, rec: LibraryRecord) -> None:
+        try:
+            await w.call(WLoadLibrary(w.next_seq(), rec.digest, rec.format, rec.data,
+                                      tuple(rec.kernels.values()), rec.options))
+            w.libraries.add(rec.digest)
+        except errors.WorkerLost:
+            raise
+        except errors.KaasError as exc:  # logged, not fatal: the rest of the device comes back
+            log.warning("library_restore_failed", device=w.device, library=rec.digest[:16], error=str(exc))
 
     def _deadline_passed(self, job_id: int, w: WorkerHandle, limit: float) -> None:
         """A kernel cannot be stopped from inside its process: the worker goes, innocents replay."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -75,10 +76,28 @@ class WorkerHandle:
 
     async def start(self, timeout: float = 120.0) -> dict[str, Any]:
         loop = self._loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         geom = RING_GEOMETRY
-        seg, self._ring_mm = create_segment(geom)
-        self._wake_worker, self._wake_broker = make_eventfd(), make_eventfd()
+        made: list[Any] = []  # what exists so far, closed again if the next step fails (out of fds)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            made += [ours, theirs]
+            seg, self._ring_mm = create_segment(geom)
+            made.append(seg)
+            self._wake_worker = make_eventfd()
+            made.append(self._wake_worker)
+            self._wake_broker = make_eventfd()
+        except BaseException:
+            for x in made:
+                with contextlib.suppress(OSError):
+                    if isinstance(x, socket.socket):
+                        x.close()
+                    else:
+                        os.close(x)
+            if self._ring_mm is not None:
+                self._ring_mm.close()
+                self._ring_mm = None
+            self._wake_worker = self._wake_broker = -1  # closed above: _close_rings must not again
+            raise
         self._runs = Producer(self._ring_mm, geom, 0)
         self._completions = Consumer(self._ring_mm, geom, 1)
         try:

@@ -65,26 +65,35 @@ class PendingRun:
         self._limit = limit
         self._result: RunResult | None = None
         self._reply: BrokerMessage | None = None  # taken by done(), turned into a result by result()
+        self._error: errors.KaasError | None = None  # the run's typed error, raised again on every result()
         self._received = 0.0
 
     def done(self, timeout: float = 0.0) -> bool:
         """Whether the reply is in, waiting up to ``timeout`` seconds for it (0: look and return).
 
         Open-loop senders use it to collect what finished without blocking on the oldest run;
-        ``result()`` then returns at once (or raises the run's typed error).
+        ``result()`` then returns at once (or raises the run's typed error).  Its round trip counts
+        until the ``done()`` that saw the reply.  Not for use from several threads at once.
         """
-        if self._result is None and self._reply is None:
+        if self._result is None and self._reply is None and self._error is None:
             self._reply = self._client._take(self.req, time.monotonic() + max(timeout, 0.0), spin=timeout > 0)
             self._received = time.perf_counter()
-        return self._result is not None or self._reply is not None
+        return self._result is not None or self._reply is not None or self._error is not None
 
     def result(self) -> RunResult:
-        if self._result is None and self._reply is not None:
-            reply, self._reply = self._reply, None
-            self._result = ClientCore.run_result(reply, self._sent, self._received)
+        if self._error is not None:
+            raise self._error
         if self._result is None:
-            reply = self._client._wait(self.req, self._limit)
-            self._result = ClientCore.run_result(reply, self._sent, time.perf_counter())
+            if self._reply is not None:
+                reply, received, self._reply = self._reply, self._received, None
+            else:
+                reply = self._client._wait(self.req, self._limit)  # a RequestTimeout here is not the run's
+                received = time.perf_counter()
+            try:
+                self._result = ClientCore.run_result(reply, self._sent, received)
+            except errors.KaasError as exc:
+                self._error = exc
+                raise
         return self._result
 
 

@@ -24,7 +24,7 @@ the residents that node lacks.  The proxies (``NodeProxy``, one per node, pinned
 broker connection, the registered libraries and residents, and a pool of built graphs whose
 arena buffers are reused from request to request.  A node that dies fails its requests in flight
 with Ray's typed errors (``RayActorError``), a broker that goes away fails them with
-``BrokerUnavailable``; either node is left out of placement from the next look at the cluster
+``SessionClosed`` (or ``BrokerUnavailable`` when it cannot be reached at all); either node is left out of placement from the next look at the cluster
 (every ``refresh_every`` seconds, or ``refresh()``).
 
 Where many jobs share the Ray workers' uid, each job presents a token (``$KAAS_TOKEN``, or
@@ -159,7 +159,16 @@ def _array(b: Buffer, value: Any) -> np.ndarray:
 @dataclass
 class _Built:
     graph: Graph
-    arrays: dict[str, np.ndarray]  # in / out / inout buffers, in arenas of the node's broker
+    arrays: dict[str, np.ndarray]  # in / out / inout buffers, views into ``arena``
+    arena: Any                     # one arena of the node's broker per built graph, closed when it goes
+
+
+def _arena_bytes(spec: GraphSpec) -> int:
+    return max(1, sum(-(-b.nbytes // 256) * 256 for b in spec.of("in", "out", "inout")))
+
+
+def _carve(spec: GraphSpec, arena: Any) -> dict[str, np.ndarray]:
+    return {b.name: arena.array(b.shape, b.dtype) for b in spec.of("in", "out", "inout")}
 
 
 def _graph(spec: GraphSpec, libs: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
@@ -184,12 +193,18 @@ def _graph(spec: GraphSpec, libs: Mapping[str, Any], arrays: Mapping[str, np.nda
 
 
 class _Cache:
-    """Per client: libraries, residents by key, and built graphs per (spec, residents) in pools."""
+    """Per session: libraries, residents by key, and built graphs per (spec, residents) in pools.
+
+    A built graph is taken for one run and given back only after that run succeeded; one that is
+    dropped (its pool full, its spec evicted, its run failed) has its arena closed, and residents
+    evicted from the bounded list are handed back (``dropped``): nothing stays registered unused.
+    """
 
     def __init__(self) -> None:
         self.libs: dict[tuple[str, str], Any] = {}
         self.residents: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.pools: collections.OrderedDict[tuple[str, tuple[str, ...]], list[_Built]] = collections.OrderedDict()
+        self.dropped: list[Any] = []  # residents to release (by the client that owns them)
 
     def take(self, spec: GraphSpec, keys: tuple[str, ...]) -> _Built | None:
         pool = self.pools.get((spec.key, keys))
@@ -202,14 +217,17 @@ class _Cache:
         pool = self.pools.setdefault((spec.key, keys), [])
         if len(pool) < POOL:
             pool.append(built)
+        else:
+            built.arena.close()
         while len(self.pools) > MAX_SPECS:
-            self.pools.popitem(last=False)
+            for b in self.pools.popitem(last=False)[1]:
+                b.arena.close()
 
     def remember(self, key: str, res: Any) -> None:
         self.residents[key] = res
         self.residents.move_to_end(key)
         while len(self.residents) > MAX_KEYS:
-            self.residents.popitem(last=False)
+            self.dropped.append(self.residents.popitem(last=False)[1])
 
 
 def _outputs(spec: GraphSpec, built: _Built) -> dict[str, np.ndarray]:
@@ -255,33 +273,33 @@ class NodeProxy:
                 "residents": [k for k, r in self.cache.residents.items() if r.digest in on_device],
                 "hits": self.hits, "misses": self.misses}
 
-    async def _resident(self, c: Any, key: str, value: Any) -> tuple[Any, bool]:
+    async def _resident(self, c: Any, cache: _Cache, key: str, value: Any) -> tuple[Any, bool]:
         """This node's resident for ``key`` (registered from ``value`` the first time); and whether
         it was held already."""
-        r = self.cache.residents.get(key)
+        r = cache.residents.get(key)
         if r is not None:
-            self.cache.residents.move_to_end(key)
+            cache.residents.move_to_end(key)
             return r, True
         arr = np.asarray(await value if not isinstance(value, np.ndarray) else value)
         with await c.arena(max(1, arr.nbytes)) as staging:  # the broker keeps its own copy
             view = staging.array(arr.shape, arr.dtype)
             view[...] = arr
             r = await c.resident(view)
-        self.cache.remember(key, r)
+        cache.remember(key, r)
         return r, False
 
     async def prefetch(self, key: str, value: Any, device: str = "") -> str:
         """Register the resident ``key`` here (from ``value``) and put it on a device now."""
         c = await self._client()
-        r, _ = await self._resident(c, key, value)
+        r, _ = await self._resident(c, self.cache, key, value)
         return str(await c.prefetch(r, device))
 
-    async def _library(self, c: Any, name: str, src: Source) -> Any:
+    async def _library(self, c: Any, cache: _Cache, name: str, src: Source) -> Any:
         key = (name, hashlib.sha256(src.code.encode() if isinstance(src.code, str) else src.code).hexdigest())
-        lib = self.cache.libs.get(key)
+        lib = cache.libs.get(key)
         if lib is None:
-            lib = self.cache.libs[key] = await c.library(src.code, kernels=list(src.kernels), format=src.format,
-                                                         options=src.options, name=name)
+            lib = cache.libs[key] = await c.library(src.code, kernels=list(src.kernels), format=src.format,
+                                                    options=src.options, name=name)
         return lib
 
     async def run(self, spec: GraphSpec, inputs: Mapping[str, Any], residents: Mapping[str, tuple[str, Any]],
@@ -289,11 +307,12 @@ class NodeProxy:
         """Run ``spec`` here: ``residents`` maps each resident buffer to (key, array or object
         reference); a reference is fetched only when this node does not hold its key yet."""
         c = await self._client()
+        cache = self.cache  # this session's: a reconnect meanwhile starts another
         res: dict[str, Any] = {}
         held = True
         for b in spec.of("resident"):
             key, value = residents[b.name]
-            res[b.name], had = await self._resident(c, key, value)
+            res[b.name], had = await self._resident(c, cache, key, value)
             if (tuple(res[b.name].shape), np.dtype(res[b.name].dtype)) != (b.shape, np.dtype(b.dtype)):
                 raise errors.InvalidArgument(f"buffer {b.name!r} is {b.shape} {b.dtype}, resident {key[:24]} is "
                                              f"{res[b.name].shape} {res[b.name].dtype}")
@@ -301,17 +320,28 @@ class NodeProxy:
         self.hits += held
         self.misses += not held
         keys = tuple(residents[b.name][0] for b in spec.of("resident"))
-        built = self.cache.take(spec, keys)
+        built = cache.take(spec, keys)
         if built is None:
-            libs = {name: await self._library(c, name, src) for name, src in spec.libraries.items()}
-            arrays = {b.name: await c.array(b.shape, b.dtype) for b in spec.of("in", "out", "inout")}
-            built = _Built(_graph(spec, libs, arrays, res), arrays)
+            libs = {name: await self._library(c, cache, name, src) for name, src in spec.libraries.items()}
+            arena = await c.arena(_arena_bytes(spec))
+            arrays = _carve(spec, arena)
+            built = _Built(_graph(spec, libs, arrays, res), arrays, arena)
+        ok = False
         try:
             _fill(spec, built, {k: (await v if not isinstance(v, np.ndarray) else v) for k, v in inputs.items()})
             await c.run(built.graph, timeout=timeout)
+            ok = True
             return _outputs(spec, built)
         finally:
-            self.cache.give(spec, keys, built)
+            # Only a run that ended is done with its arrays: after a timeout or a cancel the broker may
+            # still write them, so the graph is not reused (its arena is released once it is idle).
+            if ok and cache is self.cache and not c.closed:
+                cache.give(spec, keys, built)
+            else:
+                built.arena.close()
+            for r in cache.dropped:
+                await c.release_resident(r)
+            cache.dropped.clear()
 
 
 # -- the driver's side: placement ----------------------------------------------------------------
@@ -370,7 +400,7 @@ class KaasCluster:
                 if nid not in found:
                     node.alive = False
                 node.recent = set()
-            asked = {nid: n.proxy.info.remote() for nid, n in self.nodes.items() if n.alive}
+            asked = {nid: n.proxy.info.remote() for nid, n in list(self.nodes.items()) if n.alive}
         for nid, ref in asked.items():
             try:
                 info = ray.get(ref, timeout=60)
@@ -385,7 +415,9 @@ class KaasCluster:
                 node.queued, node.held = int(info["queued"]), set(info["residents"]) | node.recent
                 if not info["healthy"]:
                     node.queued += 1000  # a broker replacing a device worker: elsewhere if we can
-        if not any(n.alive for n in self.nodes.values()):
+        with self._lock:
+            alive = any(n.alive for n in self.nodes.values())
+        if not alive:
             raise errors.NoDevice(f"no alive Ray node is labelled {LABEL!r} (see tenantlib.ray for `ray start`)")
 
     def _choose(self, needs: Mapping[str, int]) -> _Node:
@@ -419,14 +451,14 @@ class KaasCluster:
                     raise errors.InvalidArgument(f"node {node!r} is not an alive kaas node of this cluster "
                                                  f"(alive: {sorted(k for k, n in self.nodes.items() if n.alive)})")
             where: _Node = pinned if pinned is not None else self._choose(needs)
+        started = time.monotonic()
+        ref = where.proxy.run.remote(spec, inputs, keyed, timeout)  # raises (unpicklable inputs): nothing counted
+        with self._lock:
             where.requests += 1
             where.hits += all(k in where.held for k in needs)
             where.outstanding += 1
             where.held.update(needs)  # it will hold them once this request ran
             where.recent.update(needs)
-        started = time.monotonic()
-        ref = where.proxy.run.remote(spec, inputs, keyed, timeout)
-        with self._lock:
             self._flight[ref] = (where, started)
             if not self._reaping:  # ObjectRef.future() would cost a round trip of its own per request
                 self._reaping = True
@@ -474,7 +506,12 @@ class KaasCluster:
                 if not refs:
                     self._reaping = False
                     return
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.01, fetch_local=False)
+            try:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.01, fetch_local=False)
+            except Exception:  # Ray shutting down: the next submit starts another reaper
+                with self._lock:
+                    self._reaping = False
+                return
             now = time.monotonic()
             with self._lock:
                 for ref in ready:
@@ -491,7 +528,7 @@ class KaasCluster:
 
 
 # -- inside a task: the local broker, no Ray hop ----------------------------------------------------
-_local: dict[str, Any] = {}
+_local: dict[str, tuple[Any, _Cache]] = {}  # job token -> this process's session and its cache
 _local_lock = threading.Lock()
 
 
@@ -534,12 +571,13 @@ def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Map
 
     inputs, residents = dict(inputs or {}), dict(residents or {})
     _check_values(spec, inputs, residents)
+    who = token if token is not None else os.environ.get("KAAS_TOKEN", "")
     with _local_lock:
-        c = _local.get("client")
-        if c is None or c.closed:
-            c = _local["client"] = connect(_local_socket(), client="tenantlib.ray.local", token=token)
-            _local["cache"] = _Cache()
-        cache: _Cache = _local["cache"]
+        c, cache = _local.get(who, (None, None))
+        if c is None or c.closed or cache is None:  # one session per process and job token
+            c = connect(_local_socket(), client="tenantlib.ray.local", token=who)
+            cache = _Cache()
+            _local[who] = (c, cache)
         res = {}
         held = True
         keys = tuple(resident_key(residents[b.name]) for b in spec.of("resident"))
@@ -563,12 +601,21 @@ def _run_local(spec: GraphSpec, inputs: Mapping[str, Any] | None, residents: Map
                     cache.libs[lkey] = c.library(src.code, kernels=list(src.kernels), format=src.format,
                                                  options=src.options, name=name)
                 libs[name] = cache.libs[lkey]
-            arrays = {b.name: c.array(b.shape, b.dtype) for b in spec.of("in", "out", "inout")}
-            built = _Built(_graph(spec, libs, arrays, res), arrays)
+            arena = c.arena(_arena_bytes(spec))
+            arrays = _carve(spec, arena)
+            built = _Built(_graph(spec, libs, arrays, res), arrays, arena)
+        ok = False
         try:
             _fill(spec, built, {k: _fetch(v) for k, v in inputs.items()})
             c.run(built.graph, timeout=timeout)
+            ok = True
             return _outputs(spec, built), held
         finally:
-            cache.give(spec, keys, built)
+            if ok:
+                cache.give(spec, keys, built)
+            else:  # the broker may still write its arrays: not reused
+                built.arena.close()
+            for r in cache.dropped:
+                c.release_resident(r)
+            cache.dropped.clear()
 

@@ -359,6 +359,9 @@ def test_done_collects_a_reply_without_blocking(broker_factory: BrokerFactory) -
         assert q.done(timeout=60)
         with pytest.raises(errors.DeadlineExceeded):
             q.result()
+        assert q.done()  # the error is the answer, kept: asked again, it is raised again
+        with pytest.raises(errors.DeadlineExceeded):
+            q.result()
 
 
 def test_status_names_the_broker_and_only_this_tenants_residents(broker_factory: BrokerFactory) -> None:
