@@ -36,6 +36,42 @@ def _conv_net(seed: int = 0) -> Any:
     return _model(nodes, w, [("x", [2, 3, 16, 16])], [("y", [2, 10])], TensorProto, helper, numpy_helper)
 
 
+def _resnetish(seed: int = 0, c: int = 16) -> Any:
+    """A small ResNet: a conv-BN-ReLU stem, max pooling, two bottleneck blocks with BatchNorm and
+    residual adds, global pooling and a classifier (BN folding and storage reuse both happen)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w: dict[str, Any] = {}
+    nodes: list[Any] = []
+
+    def conv_bn(x: str, cin: int, cout: int, k: int, name: str) -> str:
+        w[name + "_w"] = rng.standard_normal((cout, cin, k, k)) * (2.0 / (cin * k * k)) ** 0.5
+        nodes.append(helper.make_node("Conv", [x, name + "_w"], [name], kernel_shape=[k, k], pads=[k // 2] * 4))
+        w[name + "_g"], w[name + "_b"] = 1 + 0.1 * rng.standard_normal(cout), 0.1 * rng.standard_normal(cout)
+        w[name + "_m"], w[name + "_v"] = 0.1 * rng.standard_normal(cout), 1 + 0.1 * rng.random(cout)
+        nodes.append(helper.make_node("BatchNormalization", [name] + [name + s for s in ("_g", "_b", "_m", "_v")],
+                                      [name + "_bn"], epsilon=1e-5))
+        return name + "_bn"
+
+    def relu(x: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [x + "_r"]))
+        return x + "_r"
+
+    x = relu(conv_bn("x", 3, c, 3, "stem"))
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[2, 2], strides=[2, 2]))
+    x = "pool"
+    for i in range(2):
+        y = relu(conv_bn(x, c, c // 2, 1, f"b{i}a"))
+        y = conv_bn(relu(conv_bn(y, c // 2, c // 2, 3, f"b{i}b")), c // 2, c, 1, f"b{i}c")
+        nodes.append(helper.make_node("Add", [y, x], [f"b{i}_add"]))
+        x = relu(f"b{i}_add")
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["f"], axis=1)]
+    w["fc_w"], w["fc_b"] = rng.standard_normal((10, c)) * 0.3, rng.standard_normal(10) * 0.1
+    nodes.append(helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1))
+    return _model(nodes, w, [("x", [2, 3, 32, 32])], [("y", [2, 10])], TensorProto, helper, numpy_helper)
+
+
 def _encoder(seed: int = 0, seq: int = 16, hidden: int = 32, dims: Any = None) -> Any:
     """One BERT-like encoder step: self-attention (one head), residual, LayerNorm, a ReLU MLP."""
     from onnx import TensorProto, helper, numpy_helper
@@ -77,8 +113,8 @@ def _reference(m: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return list(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds))
 
 
-@pytest.mark.parametrize("build, shape", [(_conv_net, (2, 3, 16, 16)), (_encoder, (1, 16, 32))],
-                         ids=["conv-net", "encoder"])
+@pytest.mark.parametrize("build, shape", [(_conv_net, (2, 3, 16, 16)), (_encoder, (1, 16, 32)),
+                                          (_resnetish, (2, 3, 32, 32))], ids=["conv-net", "encoder", "resnet-ish"])
 def test_a_compiled_plan_replays_to_onnxruntimes_answer(build: Any, shape: tuple[int, ...], tmp_path: Path) -> None:
     from tenantlib import models
 
@@ -91,6 +127,8 @@ def test_a_compiled_plan_replays_to_onnxruntimes_answer(build: Any, shape: tuple
     assert plan.of("constant") and plan.buffer("y").shape == tuple(_reference_shape(m))
     consts = {b.name: plan.constant(b.name) for b in plan.of("constant")}
     assert sum(a.nbytes for a in consts.values()) > 0
+    if build is _resnetish:  # BatchNorm folded into the convolutions; intermediates share storages
+        assert len(plan.calls) == len(plan.launches) == 10 and len(plan.of("storage")) < len(plan.calls)
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     want = _reference(m, {"x": x})[0]
     got = models.replay_on_cpu(m, plan, {"x": x})["y"]
