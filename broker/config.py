@@ -80,6 +80,7 @@ class Config:
     tenant_max_library_bytes: int = 256 << 20
     tenant_max_prepared: int = 16384      # prepared graphs of one tenant, all its sessions together
     tenant_max_residents: int = 4096      # resident buffers of one tenant
+    max_departed_tenants: int = 10_000    # tenants whose totals are kept after their last session (oldest go)
     max_fds_queued: int = 64              # fds received ahead of their frames, per session
     max_graph_seconds: float = 300.0      # every graph's deadline on a device (a request's timeout may be shorter)
     replay_attempts: int = 3              # times an innocent graph is replayed after its worker died

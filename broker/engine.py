@@ -55,6 +55,7 @@ class Engine(Registry, Dispatch, Supervision):
     def __init__(self, config: Config, devices: list[str], metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.metrics.max_departed = config.max_departed_tenants
         self.devices = list(devices)
         # Who this broker is, for clients that place work across many (tenantlib.ray): new at each start.
         self.identity = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),

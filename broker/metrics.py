@@ -101,6 +101,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.tenants: dict[str, TenantMetrics] = {}
+        # Tenants whose last session ended, oldest first: their totals are kept, up to max_departed.
+        self.departed: dict[str, None] = {}
+        self.max_departed = 10_000
         self.worker_restarts: dict[str, int] = {}
         self.active_sessions = 0
         self._on_scrape: list[Callable[[Metrics], None]] = []
@@ -113,6 +116,20 @@ class Metrics:
         if tm is None:
             tm = self.tenants[name] = TenantMetrics(name)
         return tm
+
+    def tenant_left(self, name: str) -> None:
+        """``name``'s last session ended: its totals stay, unless more than ``max_departed`` tenants
+        have left since; then the longest gone are forgotten (a broker seeing ever new uids stays
+        bounded)."""
+        self.departed.pop(name, None)
+        self.departed[name] = None
+        while len(self.departed) > self.max_departed:
+            gone = next(iter(self.departed))
+            del self.departed[gone]
+            self.tenants.pop(gone, None)
+
+    def tenant_back(self, name: str) -> None:
+        self.departed.pop(name, None)
 
     def worker_restarted(self, device: str) -> None:
         self.worker_restarts[device] = self.worker_restarts.get(device, 0) + 1

@@ -219,6 +219,7 @@ class Registry(EngineBase):
         st = self.tenants.get(name)
         if st is None:
             st = self.tenants[name] = TenantState(name)
+            self.metrics.tenant_back(name)
             if policy is not None and policy.isolation == "dedicated":
                 st.policy = policy
                 self._open_dedicated(st)
@@ -244,6 +245,7 @@ class Registry(EngineBase):
                 if lib is not None:
                     lib.holders.discard(st.name)
             del self.tenants[st.name]
+            self.metrics.tenant_left(st.name)
             if st.name in self.dedicated and not self._stopping:
                 task = asyncio.get_running_loop().create_task(self._close_dedicated(st.name))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())

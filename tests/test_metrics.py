@@ -221,3 +221,21 @@ async def test_serve_metrics_needs_somewhere_to_listen(sockdir: Path) -> None:
     (sockdir / "file").write_text("")
     with pytest.raises(OSError, match="not a socket"):
         await serve_metrics(Metrics(), port=None, unix_path=str(sockdir / "file"))
+
+
+def test_totals_of_departed_tenants_are_bounded() -> None:
+    """A broker that sees ever new uids keeps the totals of at most max_departed tenants that left
+    (the longest gone are forgotten); a tenant that comes back is not counted as gone."""
+    from broker.metrics import Metrics
+
+    m = Metrics()
+    m.max_departed = 2
+    for name in ("a", "b", "c"):
+        m.tenant(name).graph_done("cpu:0", 0.001, 0.0005)
+        m.tenant_left(name)
+    assert set(m.tenants) == {"b", "c"}
+    m.tenant_back("b")  # b has a session again: only c is gone
+    m.tenant("d").graph_done("cpu:0", 0.001, 0.0)
+    m.tenant_left("d")
+    m.tenant_left("e")
+    assert "b" in m.tenants and "c" not in m.tenants and set(m.departed) == {"d", "e"}
