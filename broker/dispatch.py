@@ -318,6 +318,8 @@ class Dispatch(EngineBase):
         shared = [d for d in self.devices if self.workers[d].alive and d not in sched.down and d not in sched.drained]
         if not shared:
             raise errors.NoDevice("no device worker is running")
+        if device and device not in shared:
+            raise errors.NoDevice(f"device {device} is down or drained now", detail={"device": device})
         held = [d for d in rec.devices if d in shared]
         if held and (not device or device in held):
             return device or held[0]

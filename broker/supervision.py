@@ -171,7 +171,7 @@ class Supervision(EngineBase):
         # one); each is tried once here, and one that fails is logged like any other.
         for rec in [r for r in self.libraries.values() if (r.holders or r.refs) and r.digest not in tried
                     and r.digest not in w.libraries and r.ready is not None and r.ready.done()
-                    and r.ready.exception() is None]:
+                    and not r.ready.cancelled() and r.ready.exception() is None]:
             await self._restore_library(w, rec)
 
     async def _restore_library(self, w: WorkerHandle, rec: LibraryRecord) -> None:
