@@ -129,6 +129,14 @@ def test_a_compiled_plan_replays_to_onnxruntimes_answer(build: Any, shape: tuple
     assert sum(a.nbytes for a in consts.values()) > 0
     if build is _resnetish:  # BatchNorm folded into the convolutions; intermediates share storages
         assert len(plan.calls) == len(plan.launches) == 10 and len(plan.of("storage")) < len(plan.calls)
+    from broker.streams import compiler
+
+    if compiler.nvrtc_available():  # what a broker compiles: no includes, every launched kernel in the CUBIN
+        from broker.streams.cubin import read_cubin
+
+        compiler.refuse_includes(plan.source.encode())
+        cubin, _ = compiler.compile_cuda(plan.source.encode(), "sm_90")
+        assert {ln.kernel for ln in plan.launches} <= set(read_cubin(cubin))
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     want = _reference(m, {"x": x})[0]
     got = models.replay_on_cpu(m, plan, {"x": x})["y"]
@@ -180,3 +188,15 @@ def test_the_structural_check_names_what_is_wrong(tmp_path: Path) -> None:
     (saved / "plan.json").write_text("{")
     with pytest.raises(errors.InvalidArgument, match="no readable model plan"):
         models.ModelPlan.load(saved)
+
+
+def test_generated_source_that_needs_headers_is_refused() -> None:
+    from tenantlib.models.tvm_export import kaas_source
+
+    ok = kaas_source('#ifdef __CUDACC_RTC__\n#include <cuda/std/cstdint>\n#else\n#include <cstdint>\n#endif\n'
+                     'extern "C" __global__ void k(int64_t* x) { x[0] = 1; }\n')
+    assert "#include <" not in ok and "typedef long long int64_t;" in ok
+    with pytest.raises(errors.UnsupportedFeature, match="headers"):
+        kaas_source('#include <cuda_fp16.h>\nextern "C" __global__ void k(half* x) {}\n')
+    with pytest.raises(errors.UnsupportedFeature, match="std::"):
+        kaas_source('extern "C" __global__ void k(float* x) { x[0] = std::numeric_limits<float>::max(); }\n')

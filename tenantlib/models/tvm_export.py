@@ -34,6 +34,47 @@ _LAUNCH_TAGS = {"blockIdx.x": ("grid", 0), "blockIdx.y": ("grid", 1), "blockIdx.
 _ALIGN = 256  # constants' alignment in the blob (a device allocation's)
 
 
+# TVM's CUDA preamble takes its fixed-width integers (and some type traits its kernels do not use)
+# from CCCL headers under NVRTC; a broker compiles no source that includes files, so the block is
+# replaced by this, and any other include or use of std:: is refused (fp16 kernels want cuda_fp16.h).
+_RTC_PREAMBLE = """// kaas: in place of TVM's includes of cuda/std/cstdint and cuda/std/type_traits
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#ifndef __asm__
+#define __asm__ asm
+#endif
+#ifndef __volatile__
+#define __volatile__ volatile
+#endif
+"""
+
+
+def kaas_source(source: str) -> str:
+    """TVM's generated CUDA C, made compilable by a broker: no includes (see ``_RTC_PREAMBLE``)."""
+    start = source.find("#ifdef __CUDACC_RTC__")
+    if start >= 0:
+        alt = source.find("\n#else", start)
+        end = source.find("\n#endif", alt if alt >= 0 else start)
+        if alt < 0 or end < 0:
+            raise Unsupported("TVM's CUDA preamble has an unexpected form")
+        source = source[:start] + _RTC_PREAMBLE + source[end + len("\n#endif"):]
+    from broker.streams.compiler import CompileError, refuse_includes
+
+    try:
+        refuse_includes(source.encode())
+    except CompileError as exc:
+        raise Unsupported(f"the generated CUDA C needs headers a broker does not compile with ({exc.message})") from None
+    if "std::" in source:
+        raise Unsupported("the generated CUDA C uses the C++ standard library (std::)")
+    return source
+
+
 def cuda_target(arch: str) -> Any:
     import tvm
 
@@ -240,7 +281,7 @@ def compile_with_tvm(model: Any, shapes: Mapping[str, Sequence[int]] | None, arc
     cuda = [m for m in lib.imports if m.kind == "cuda"]
     if len(cuda) != 1:
         raise Unsupported(f"TVM built {len(cuda)} CUDA modules (kinds: {[m.kind for m in lib.imports]})")
-    source = cuda[0].inspect_source("cuda")
+    source = kaas_source(cuda[0].inspect_source("cuda"))
     funcs = split["mod"].functions.items()
     dev = {gv.name_hint: f for gv, f in funcs if f.attrs.get("calling_conv", 0) == 2}
     host = {gv.name_hint: f for gv, f in funcs if f.attrs.get("calling_conv", 0) != 2}
