@@ -101,6 +101,9 @@ def detect_format(code: str | bytes, fmt: str | None) -> tuple[str, bytes]:
     return "cuda", bytes(code)
 
 
+REMEMBERED_LIBRARIES = 256  # libraries a reconnecting client registers again (the broker's default tenant limit)
+
+
 def digest_of(arr: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(arr).view(np.uint8).data, digest_size=32).digest()
 

@@ -17,9 +17,12 @@ import numpy as np
 
 from broker.protocol import (
     BrokerMessage,
+    Error,
     FrameDecoder,
+    Hello,
     Ping,
     Prefetch,
+    RegisterLibrary,
     ReleaseResident,
     Status,
     StatusReply,
@@ -29,7 +32,16 @@ from broker.protocol import (
 )
 
 from . import errors
-from ._core import ClientCore, RunResult, closed_during_handshake, default_path, raise_if_error, read_welcome
+from ._core import (
+    REMEMBERED_LIBRARIES,
+    ClientCore,
+    RunResult,
+    closed_during_handshake,
+    default_path,
+    digest_of,
+    raise_if_error,
+    read_welcome,
+)
 from .arena import Arena, close_fd, create_segment
 from .graph import Graph, Library, Resident
 from .kernel_specs import AccessArg, KernelsArg
@@ -39,15 +51,28 @@ class AsyncClient(ClientCore):
     def __init__(self, sock: socket.socket, welcome: Welcome, decoder: FrameDecoder,
                  loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
         super().__init__(welcome)
-        self._sock = sock
-        self._decoder = decoder
         self._loop = loop
         self._waiters: dict[int, asyncio.Future[BrokerMessage]] = {}
+        self.timeout = timeout
+        # With reconnect (see tenantlib.connect): what a new session needs, and the loss.
+        self.reconnect = False
+        self._path = ""
+        self._hello: Hello | None = None
+        self._loss: errors.KaasError | None = None  # the lost session's error, until connected again
+        self._old_reqs = 0
+        self._arena_fds: dict[int, int] = {}
+        self._library_msgs: dict[str, RegisterLibrary] = {}
+        self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}
+        self._reviving: asyncio.Lock | None = None
+        self._attach(sock, decoder)
+
+    def _attach(self, sock: socket.socket, decoder: FrameDecoder) -> None:
+        self._sock = sock
+        self._decoder = decoder
         self._out = bytearray()
         self._drained: asyncio.Event = asyncio.Event()
         self._drained.set()
-        self.timeout = timeout
-        loop.add_reader(sock.fileno(), self._on_readable)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
 
     # -- transport ---------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -73,11 +98,18 @@ class AsyncClient(ClientCore):
                 self._lost(RuntimeError(getattr(msg, "message", "broker error")))
 
     def _lost(self, exc: BaseException) -> None:
-        if self.closed:
+        if self.closed or self._loss is not None:
             return
-        self.closed = True
         self._teardown()
-        err = errors.SessionClosed(f"connection to the broker was lost: {exc}")
+        if self.reconnect:  # the next call connects again; what was in flight may or may not have run
+            err: errors.KaasError = errors.BrokerUnavailable(
+                f"the connection to the broker was lost ({exc}); a request in flight may or may not have run "
+                "(its outputs are not to be trusted); the client connects again on its next call",
+                detail={"retryable": True})
+            self._loss, self._old_reqs = err, self._req
+        else:
+            self.closed = True
+            err = errors.SessionClosed(f"connection to the broker was lost: {exc}")
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -107,6 +139,8 @@ class AsyncClient(ClientCore):
 
     async def _send(self, msg: Any, fd: int | None = None) -> asyncio.Future[BrokerMessage]:
         self._check_open()
+        if self._loss is not None:
+            raise self._loss
         fut: asyncio.Future[BrokerMessage] = self._loop.create_future()
         self._waiters[msg.req] = fut
         frame = encode(msg)
@@ -142,6 +176,67 @@ class AsyncClient(ClientCore):
                     self._loop.add_writer(self._sock.fileno(), self._on_writable)
         return fut
 
+    async def _revive(self) -> None:
+        """After the broker went away (with ``reconnect``): connect again with back-off, for up to the
+        client's timeout, and register this client's arenas, libraries and residents again."""
+        self._check_open()
+        if self._loss is None or not self.reconnect:
+            return
+        if self._reviving is None:
+            self._reviving = asyncio.Lock()
+        async with self._reviving:
+            if self._loss is None:
+                return
+            assert self._hello is not None
+            deadline = time.monotonic() + (self.timeout or 60.0)
+            pause = 0.05
+            while True:
+                try:
+                    sock, welcome, decoder = await _handshake(self._loop, self._path, self._hello, self.timeout)
+                    break
+                except (errors.BrokerUnavailable, OSError):
+                    if time.monotonic() + pause > deadline:
+                        raise self._loss from None
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+            self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
+            self.max_frame = welcome.max_frame
+            # Nothing of the old session may be used on the new one.
+            self._arena_gen += 1
+            self.forget_prepared()
+            self._unused.clear()
+            self._run_structs.clear()
+            self._ignored.clear()
+            self._attach(sock, decoder)
+            self._loss = None
+            await self._restore()
+
+    async def _restore(self) -> None:
+        """Register again what the lost session held; what cannot be is dropped (its use says so)."""
+        for arena in list(self._arenas):
+            fd = self._arena_fds.get(id(arena))
+            if fd is None or arena.closed:
+                continue
+            reply = await self._request(self.register_arena_msg(arena.size), fd)
+            if isinstance(reply, Error):
+                arena.closed = True
+                close_fd(self._arena_fds.pop(id(arena)))
+                continue
+            arena.id = self.arena_id(reply)
+        self._arena_gen += 1
+        for digest, msg in list(self._library_msgs.items()):
+            reply = await self._request(RegisterLibrary(self.next_req(), msg.format, msg.data, msg.kernels, msg.name,
+                                                        msg.options))
+            if isinstance(reply, Error):
+                del self._library_msgs[digest]
+        for key, (arr, raw) in list(self._resident_arrays.items()):
+            try:
+                put = self.resident_msg(arr) if digest_of(arr) == raw else None
+            except errors.KaasError:
+                put = None
+            if put is None or isinstance(await self._request(put), Error):
+                del self._resident_arrays[key]
+
     async def _request(self, msg: Any, fd: int | None = None, limit: float | None = None) -> BrokerMessage:
         fut = await self._send(msg, fd)
         limit = self.timeout if limit is None else limit
@@ -153,16 +248,21 @@ class AsyncClient(ClientCore):
 
     # -- API (mirrors tenantlib.Client) ----------------------------------------------------------
     async def arena(self, size: int) -> Arena:
-        self._check_open()
+        await self._revive()
         fd, mm = create_segment(size)
+        keep = False
         try:
             reply = await self._request(self.register_arena_msg(size), fd)
+            arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
+            if self.reconnect:  # to hand the same memory to a restarted broker
+                self._arena_fds[id(arena)] = fd
+                keep = True
         except BaseException:
             mm.close()
             raise
         finally:
-            close_fd(fd)
-        arena = Arena(self.arena_id(reply), size, mm, self._release_arena)
+            if not keep:
+                close_fd(fd)
         self._arenas.append(arena)
         return arena
 
@@ -173,32 +273,54 @@ class AsyncClient(ClientCore):
         return (await self.arena(nbytes)).array(shape_t, dt)
 
     def _release_arena(self, arena: Arena) -> None:
-        if not self.closed:
+        fd = self._arena_fds.pop(id(arena), None)
+        if fd is not None:
+            close_fd(fd)
+        if not self.closed and self._loss is None:
             msg = self.release_arena_msg(arena)
-            self._loop.create_task(self._send(msg))
+            task = self._loop.create_task(self._send(msg))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a loss meanwhile: nothing to do
 
     async def release_arena(self, arena: Arena) -> None:
         """Release ``arena`` and wait until the broker has unmapped it."""
+        await self._revive()
         arena.closed = True
+        fd = self._arena_fds.pop(id(arena), None)
+        if fd is not None:
+            close_fd(fd)
         raise_if_error(await self._request(self.release_arena_msg(arena)))
 
     async def library(self, code: str | bytes, *, kernels: KernelsArg = None, format: str | None = None,
                       name: str = "", options: Sequence[str] = (), access: AccessArg = None,
                       hosts: Mapping[str, str] | None = None) -> Library:
         """See ``Client.library``."""
+        await self._revive()
         msg = await asyncio.to_thread(self.library_msg, code, kernels, format, name, options, access, hosts)
-        return self.library_result(msg, await self._request(msg))
+        lib = self.library_result(msg, await self._request(msg))
+        if self.reconnect:
+            self._library_msgs.pop(lib.digest, None)
+            self._library_msgs[lib.digest] = msg
+            while len(self._library_msgs) > REMEMBERED_LIBRARIES:
+                del self._library_msgs[next(iter(self._library_msgs))]
+        return lib
 
     async def resident(self, arr: np.ndarray) -> Resident:
+        await self._revive()
         msg = self.resident_msg(arr)
-        return self.resident_result(arr, await self._request(msg))
+        res = self.resident_result(arr, await self._request(msg))
+        if self.reconnect:
+            self._resident_arrays[res.digest] = (arr, msg.digest)
+        return res
 
     async def release_resident(self, res: Resident) -> None:
+        await self._revive()
+        self._resident_arrays.pop(res.digest, None)
         raise_if_error(await self._request(ReleaseResident(self.next_req(), res.digest)))
         self.forget_prepared()
 
     async def prefetch(self, res: Resident, device: str = "") -> str:
         """See ``Client.prefetch``."""
+        await self._revive()
         return self.prefetched(await self._request(Prefetch(self.next_req(), res.digest, device)))
 
     def graph(self) -> Graph:
@@ -206,6 +328,7 @@ class AsyncClient(ClientCore):
 
     async def prepare(self, graph: Graph) -> int:
         """Validate ``graph`` with the broker now (``run`` does it on first use); returns its handle."""
+        await self._revive()
         handle = self.prepared_handle(graph)
         if handle is None:
             version = graph.version
@@ -222,11 +345,13 @@ class AsyncClient(ClientCore):
         return self.run_result(reply, t0, time.perf_counter())
 
     async def ping(self) -> float:
+        await self._revive()
         t0 = time.perf_counter()
         raise_if_error(await self._request(Ping(self.next_req())))
         return time.perf_counter() - t0
 
     async def status(self) -> dict[str, Any]:
+        await self._revive()
         reply = await self._request(Status(self.next_req()))
         raise_if_error(reply)
         assert isinstance(reply, StatusReply)
@@ -236,6 +361,9 @@ class AsyncClient(ClientCore):
         if self.closed:
             return
         self.closed = True
+        for fd in self._arena_fds.values():
+            close_fd(fd)
+        self._arena_fds.clear()
         for a in self._arenas:
             a.closed = True
         self._arenas.clear()
@@ -254,10 +382,20 @@ class AsyncClient(ClientCore):
 
 
 async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio",
-                        timeout: float | None = 60.0, token: str | None = None) -> AsyncClient:
-    """The asyncio twin of ``tenantlib.connect`` (``token``: as there)."""
+                        timeout: float | None = 60.0, token: str | None = None,
+                        reconnect: bool = False) -> AsyncClient:
+    """The asyncio twin of ``tenantlib.connect`` (``token`` and ``reconnect``: as there)."""
     loop = asyncio.get_running_loop()
     path = default_path(path)
+    hello = ClientCore.hello(client, token)
+    sock, msg, decoder = await _handshake(loop, path, hello, timeout)
+    c = AsyncClient(sock, msg, decoder, loop, timeout)
+    c.reconnect, c._path, c._hello = reconnect, path, hello
+    return c
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, path: str, hello: Hello,
+                     timeout: float | None) -> tuple[socket.socket, Welcome, FrameDecoder]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -267,7 +405,7 @@ async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio
         raise errors.BrokerUnavailable(f"cannot connect to the kaas broker at {path}: {exc}") from None
     decoder = FrameDecoder()
     try:
-        await loop.sock_sendall(sock, encode(ClientCore.hello(client, token)))
+        await loop.sock_sendall(sock, encode(hello))
         bodies: list[bytes] = []
         while not bodies:
             data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), timeout)
@@ -278,4 +416,4 @@ async def connect_async(path: str | None = None, *, client: str = "tenantlib-aio
     except BaseException:
         sock.close()
         raise
-    return AsyncClient(sock, msg, decoder, loop, timeout)
+    return sock, msg, decoder

@@ -38,6 +38,7 @@ from broker.protocol import (
 
 from . import errors
 from ._core import (
+    REMEMBERED_LIBRARIES,
     ClientCore,
     RunResult,
     closed_during_handshake,
@@ -51,8 +52,7 @@ from .graph import Graph, Library, Resident
 from .kernel_specs import AccessArg, KernelsArg
 from .rings import ClientRings
 
-_RING = b"\0ring"
-_REMEMBERED_LIBRARIES = 256  # libraries a reconnecting client registers again (the broker's default tenant limit)  # what _recv returns when completions wait on the ring (never socket bytes)
+_RING = b"\0ring"  # what _recv returns when completions wait on the ring (never socket bytes)
 
 
 class PendingRun:
@@ -334,7 +334,7 @@ class Client(ClientCore):
             if self.reconnect:  # most recently registered last; a bounded record
                 self._library_msgs.pop(lib.digest, None)
                 self._library_msgs[lib.digest] = msg
-                while len(self._library_msgs) > _REMEMBERED_LIBRARIES:
+                while len(self._library_msgs) > REMEMBERED_LIBRARIES:
                     del self._library_msgs[next(iter(self._library_msgs))]
         return lib
 

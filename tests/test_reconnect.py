@@ -138,3 +138,65 @@ def test_a_request_of_the_lost_session_is_answered_at_once(tmp_path: Path, broke
             c.ping()  # a closed client does not open a new session
     finally:
         b.stop()
+
+
+def test_an_asyncio_tenant_carries_on_after_the_broker_restarts(tmp_path: Path, broker_env: dict[str, str]) -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        nonlocal b
+        c = await tenantlib.connect_async(b.socket, reconnect=True, timeout=60)
+        try:
+            lib = await c.library(_SLOW, kernels=[*kernels.KERNELS, testing.SLOW])
+            x, y, z = await c.array(1000), await c.array(1000), await c.array(1000)
+            x[...], y[...] = 1.5, 2.0
+            res = await c.resident(y)
+            g = c.graph()
+            grid, block = kernels.launch_1d(1000)
+            g.kernel(lib, "vadd", grid=grid, block=block, args=[g.input(x), g.resident(res), g.output(z), 1000])
+            await c.run(g)
+            np.testing.assert_array_equal(z, x + y)
+            slow = c.graph()
+            slow.kernel(lib, "slow", grid=1, block=1, args=[3000])
+            pending = asyncio.ensure_future(c.run(slow))
+            await asyncio.sleep(0.3)
+            assert b.proc is not None
+            b.proc.kill()  # mid-request
+            with pytest.raises(errors.BrokerUnavailable) as info:
+                await pending  # it may or may not have run: the tenant is told so
+            assert info.value.detail["retryable"] is True
+            b.proc.wait(60)
+            b.stop()
+            b = _broker(tmp_path, broker_env)  # the same socket, a new broker with nothing registered
+            x[...] = 4.0
+            await c.run(g)  # connects again; the arenas, the library and the resident come back
+            np.testing.assert_array_equal(z, x + y)
+            assert (await c.run(slow)).device == "cpu:0"
+        finally:
+            await c.close()
+
+    b = _broker(tmp_path, broker_env)
+    try:
+        asyncio.run(scenario())
+    finally:
+        b.stop()
+
+
+def test_without_reconnect_an_asyncio_session_just_ends(tmp_path: Path, broker_env: dict[str, str]) -> None:
+    import asyncio
+
+    async def scenario(b: BrokerProcess) -> None:
+        c = await tenantlib.connect_async(b.socket, timeout=60)
+        await c.ping()
+        assert b.proc is not None
+        b.proc.kill()
+        b.proc.wait()
+        with pytest.raises(errors.SessionClosed):
+            await c.ping()
+        await c.close()
+
+    b = _broker(tmp_path, broker_env)
+    try:
+        asyncio.run(scenario(b))
+    finally:
+        b.stop()
