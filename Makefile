@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# Extras installed with the package: CI adds the kernel front ends' (`make test EXTRAS=test,triton,numba,cutlass`).
+# Extras installed with the package: CI adds the kernel front ends, Ray and the model compiler (see .ci/run).
 EXTRAS ?= test
 
 .PHONY: install run test lint typecheck unit gpu bench-cpu clean
