@@ -466,6 +466,8 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     shm_left = sorted((set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) - shm_before)
     doc = _report(results, events, stats, t0, warmup, shm_left, seconds, device, seed, load_end)
     doc["broker_stats"] = broker_stats  # worker restarts, failed respawns, replays, deadline kills, ...
+    if broker_log:
+        doc["recovery"] = recovery(broker_log)
     if admin_allowed and idle_memory is None:
         doc["problems"].append("the broker did not answer the memory view at idle")
     _check_memory(doc, baseline, idle_memory, memory_slack_mib)
@@ -543,6 +545,45 @@ def _report(results: list[dict[str, Any]], events: list[tuple[float, str]], stat
             "tenants": rows,
             "faults": [{"at": round(t - t0, 2), "fault": f} for t, f in events], "resources": resources,
             "timeline": timeline, "throughput": _per_second(ok, t0), "problems": problems}
+
+
+def recovery(log_path: str) -> dict[str, Any]:
+    """From the broker's log: why workers were lost, how long each respawn took from the new
+    worker's start to its return to service (its restore), and why respawns failed."""
+    from datetime import datetime
+
+    lost: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    ready_at: float | None = None
+    restores: list[float] = []
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return {"error": str(exc)}
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            ev = json.loads(line)
+            t = datetime.fromisoformat(str(ev.get("timestamp", "")).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        name = ev.get("event")
+        if name == "worker_lost":
+            why = str(ev.get("why", "?")).split(":")[0]
+            lost[why] = lost.get(why, 0) + 1
+        elif name == "worker_ready":
+            ready_at = t
+        elif name == "worker_respawned" and ready_at is not None:
+            restores.append(t - ready_at)
+            ready_at = None
+        elif name == "worker_respawn_failed":
+            why = str(ev.get("error", "?")).split(":")[0]
+            failed[why] = failed.get(why, 0) + 1
+    out: dict[str, Any] = {"worker_lost": lost, "respawn_failed": failed, "respawns": len(restores)}
+    if restores:
+        out.update(restore_p50_s=round(float(np.median(restores)), 3), restore_max_s=round(max(restores), 3))
+    return out
 
 
 def _per_second(results: list[dict[str, Any]], t0: float) -> list[dict[str, float]]:
@@ -627,6 +668,11 @@ def show(doc: dict[str, Any]) -> str:
     lines.append("(* the broker's own counters, kaasctl tenants; p99 in ms, faults: the 2 s after each fault)")
     lines.append("")
     lines.append(f"longest time without any completion (all tenants): {doc.get('longest_stall_s', '-')} s")
+    rec = doc.get("recovery") or {}
+    if rec.get("respawns") is not None:
+        lines.append(f"recovery: {rec['respawns']} respawns, restore p50 {rec.get('restore_p50_s', '-')} s, max "
+                     f"{rec.get('restore_max_s', '-')} s; workers lost: {rec.get('worker_lost')}; respawns failed: "
+                     f"{rec.get('respawn_failed') or 'none'}")
     st = doc.get("broker_stats") or {}
     if st:
         lines.append("broker: " + ", ".join(f"{k} {st[k]}" for k in ("graphs", "graph_errors", "worker_restarts",
