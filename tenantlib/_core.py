@@ -131,6 +131,56 @@ class ClientCore:
         self._ignored: set[int] = set()  # requests whose replies nobody waits for
         self._run_structs: dict[int, struct.Struct] = {}  # handle -> layout of its ring run records
         self.closed = False
+        # With reconnect (see ``tenantlib.connect``): where the broker is, how this session was
+        # opened, and what was registered, to register it again on a new session after a restart.
+        self.reconnect = False
+        self._path = ""
+        self._hello = ClientCore.hello("tenantlib")
+        self._old_reqs = 0  # requests up to this id were sent to a lost session: no reply will come
+        self._arena_fds: dict[int, int] = {}          # id(arena) -> its segment's fd, kept open
+        self._library_msgs: dict[str, RegisterLibrary] = {}  # digest -> how it was registered
+        self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}  # digest hex -> (array, digest)
+
+    # -- reconnecting (what the sync and asyncio clients share) ------------------------------------
+    def new_session(self, welcome: Welcome) -> None:
+        """A new session after a lost one: nothing of the old may be used on it (its prepared
+        handles, its arena ids in located bindings, its handles waiting to be released, its ring
+        record layouts)."""
+        self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
+        self.max_frame = welcome.max_frame
+        self._arena_gen += 1
+        self.forget_prepared()
+        self._unused.clear()
+        self._run_structs.clear()
+        self._ignored.clear()
+
+    def remember_library(self, lib: Library, msg: RegisterLibrary) -> None:
+        """With reconnect: how ``lib`` was registered (most recent last; a bounded record)."""
+        if self.reconnect:
+            self._library_msgs.pop(lib.digest, None)
+            self._library_msgs[lib.digest] = msg
+            while len(self._library_msgs) > REMEMBERED_LIBRARIES:
+                del self._library_msgs[next(iter(self._library_msgs))]
+
+    def remember_resident(self, res: Resident, arr: np.ndarray, msg: PutResident) -> None:
+        if self.reconnect:
+            self._resident_arrays[res.digest] = (arr, msg.digest)
+
+    def libraries_again(self) -> list[tuple[str, RegisterLibrary]]:
+        """The registrations to send again on a new session, by digest."""
+        return [(digest, RegisterLibrary(self.next_req(), m.format, m.data, m.kernels, m.name, m.options))
+                for digest, m in list(self._library_msgs.items())]
+
+    def residents_again(self) -> list[tuple[str, PutResident | None]]:
+        """The residents to put again, by digest; None for one whose bytes changed since (or whose
+        arena is gone): it is forgotten, and its graphs get unknown_resident."""
+        out: list[tuple[str, PutResident | None]] = []
+        for key, (arr, raw) in list(self._resident_arrays.items()):
+            try:
+                out.append((key, self.resident_msg(arr) if digest_of(arr) == raw else None))
+            except errors.KaasError:
+                out.append((key, None))
+        return out
 
     @staticmethod
     def hello(client: str, token: str | None = None) -> Hello:

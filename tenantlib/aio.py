@@ -22,7 +22,6 @@ from broker.protocol import (
     Hello,
     Ping,
     Prefetch,
-    RegisterLibrary,
     ReleaseResident,
     Status,
     StatusReply,
@@ -33,12 +32,10 @@ from broker.protocol import (
 
 from . import errors
 from ._core import (
-    REMEMBERED_LIBRARIES,
     ClientCore,
     RunResult,
     closed_during_handshake,
     default_path,
-    digest_of,
     raise_if_error,
     read_welcome,
 )
@@ -54,15 +51,7 @@ class AsyncClient(ClientCore):
         self._loop = loop
         self._waiters: dict[int, asyncio.Future[BrokerMessage]] = {}
         self.timeout = timeout
-        # With reconnect (see tenantlib.connect): what a new session needs, and the loss.
-        self.reconnect = False
-        self._path = ""
-        self._hello: Hello | None = None
-        self._loss: errors.KaasError | None = None  # the lost session's error, until connected again
-        self._old_reqs = 0
-        self._arena_fds: dict[int, int] = {}
-        self._library_msgs: dict[str, RegisterLibrary] = {}
-        self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}
+        self._loss: errors.KaasError | None = None  # with reconnect: the lost session's error, until back
         self._reviving: asyncio.Lock | None = None
         self._attach(sock, decoder)
 
@@ -187,7 +176,6 @@ class AsyncClient(ClientCore):
         async with self._reviving:
             if self._loss is None:
                 return
-            assert self._hello is not None
             deadline = time.monotonic() + (self.timeout or 60.0)
             pause = 0.05
             while True:
@@ -199,14 +187,7 @@ class AsyncClient(ClientCore):
                         raise self._loss from None
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 1.0)
-            self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
-            self.max_frame = welcome.max_frame
-            # Nothing of the old session may be used on the new one.
-            self._arena_gen += 1
-            self.forget_prepared()
-            self._unused.clear()
-            self._run_structs.clear()
-            self._ignored.clear()
+            self.new_session(welcome)
             self._attach(sock, decoder)
             self._loss = None
             await self._restore()
@@ -224,18 +205,12 @@ class AsyncClient(ClientCore):
                 continue
             arena.id = self.arena_id(reply)
         self._arena_gen += 1
-        for digest, msg in list(self._library_msgs.items()):
-            reply = await self._request(RegisterLibrary(self.next_req(), msg.format, msg.data, msg.kernels, msg.name,
-                                                        msg.options))
-            if isinstance(reply, Error):
-                del self._library_msgs[digest]
-        for key, (arr, raw) in list(self._resident_arrays.items()):
-            try:
-                put = self.resident_msg(arr) if digest_of(arr) == raw else None
-            except errors.KaasError:
-                put = None
+        for digest, msg in self.libraries_again():
+            if isinstance(await self._request(msg), Error):
+                del self._library_msgs[digest]  # its graphs get unknown_library
+        for key, put in self.residents_again():
             if put is None or isinstance(await self._request(put), Error):
-                del self._resident_arrays[key]
+                del self._resident_arrays[key]  # its graphs get unknown_resident
 
     async def _request(self, msg: Any, fd: int | None = None, limit: float | None = None) -> BrokerMessage:
         fut = await self._send(msg, fd)
@@ -297,19 +272,14 @@ class AsyncClient(ClientCore):
         await self._revive()
         msg = await asyncio.to_thread(self.library_msg, code, kernels, format, name, options, access, hosts)
         lib = self.library_result(msg, await self._request(msg))
-        if self.reconnect:
-            self._library_msgs.pop(lib.digest, None)
-            self._library_msgs[lib.digest] = msg
-            while len(self._library_msgs) > REMEMBERED_LIBRARIES:
-                del self._library_msgs[next(iter(self._library_msgs))]
+        self.remember_library(lib, msg)
         return lib
 
     async def resident(self, arr: np.ndarray) -> Resident:
         await self._revive()
         msg = self.resident_msg(arr)
         res = self.resident_result(arr, await self._request(msg))
-        if self.reconnect:
-            self._resident_arrays[res.digest] = (arr, msg.digest)
+        self.remember_resident(res, arr, msg)
         return res
 
     async def release_resident(self, res: Resident) -> None:

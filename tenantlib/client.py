@@ -26,7 +26,6 @@ from broker.protocol import (
     OpenRings,
     Ping,
     Prefetch,
-    RegisterLibrary,
     ReleaseResident,
     RingsOpened,
     Status,
@@ -38,12 +37,10 @@ from broker.protocol import (
 
 from . import errors
 from ._core import (
-    REMEMBERED_LIBRARIES,
     ClientCore,
     RunResult,
     closed_during_handshake,
     default_path,
-    digest_of,
     raise_if_error,
     read_welcome,
 )
@@ -116,18 +113,9 @@ class Client(ClientCore):
         us = spin_us if spin_us is not None else int(env) if env else welcome.spin_us
         self.spin = max(0, us) / 1e6  # seconds to busy-poll for a reply before sleeping
         self._rings: ClientRings | None = None
-        # With reconnect (see ``connect``): where the broker is, how this session was opened, and
-        # what was registered, to register it again on a new session after the broker restarts.
-        self.reconnect = False
-        self._path = ""
-        self._hello = ClientCore.hello("tenantlib")
         self._want_rings = False
         self._lost: errors.KaasError | None = None  # the broker went away; the next call reconnects
         self._loss: errors.KaasError | None = None  # the last such loss: the answer for its old requests
-        self._old_reqs = 0  # requests up to this id were sent to a lost session: no reply will come
-        self._arena_fds: dict[int, int] = {}          # id(arena) -> its segment's fd, kept open
-        self._library_msgs: dict[str, RegisterLibrary] = {}  # digest -> how it was registered
-        self._resident_arrays: dict[str, tuple[np.ndarray, bytes]] = {}  # digest hex -> (array, digest)
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, msg: Any, fd: int | None = None) -> None:
@@ -331,11 +319,7 @@ class Client(ClientCore):
         with self._lock:
             self._revive()
             lib = self.library_result(msg, self._request(msg))
-            if self.reconnect:  # most recently registered last; a bounded record
-                self._library_msgs.pop(lib.digest, None)
-                self._library_msgs[lib.digest] = msg
-                while len(self._library_msgs) > REMEMBERED_LIBRARIES:
-                    del self._library_msgs[next(iter(self._library_msgs))]
+            self.remember_library(lib, msg)
         return lib
 
     def resident(self, arr: np.ndarray) -> Resident:
@@ -344,8 +328,7 @@ class Client(ClientCore):
             self._revive()
             msg = self.resident_msg(arr)
             res = self.resident_result(arr, self._request(msg))
-            if self.reconnect:
-                self._resident_arrays[res.digest] = (arr, msg.digest)
+            self.remember_resident(res, arr, msg)
         return res
 
     def release_resident(self, res: Resident) -> None:
@@ -523,15 +506,7 @@ class Client(ClientCore):
         self._poll.register(sock, select.POLLIN)
         self._decoder = decoder
         self._session_error = None
-        self.session, self.tenant, self.devices = welcome.session, welcome.tenant, welcome.devices
-        self.max_frame = welcome.max_frame
-        # Nothing of the old session may be used on the new one: its prepared handles, its arena
-        # ids in located bindings, its handles waiting to be released, its ring record layouts.
-        self._arena_gen += 1
-        self.forget_prepared()
-        self._unused.clear()
-        self._run_structs.clear()
-        self._ignored.clear()
+        self.new_session(welcome)
         self._lost = None
         for body in extra:
             m = decode_broker(body)
@@ -552,18 +527,12 @@ class Client(ClientCore):
                 continue
             arena.id = self.arena_id(reply)
         self._arena_gen += 1  # located bindings name the old ids
-        for digest, msg in list(self._library_msgs.items()):
-            reply = self._request(RegisterLibrary(self.next_req(), msg.format, msg.data, msg.kernels, msg.name,
-                                                  msg.options))
-            if isinstance(reply, Error):
+        for digest, msg in self.libraries_again():
+            if isinstance(self._request(msg), Error):
                 del self._library_msgs[digest]  # its graphs get unknown_library
-        for key, (arr, raw) in list(self._resident_arrays.items()):
-            try:
-                put = self.resident_msg(arr) if digest_of(arr) == raw else None
-            except errors.KaasError:
-                put = None
+        for key, put in self.residents_again():
             if put is None or isinstance(self._request(put), Error):
-                del self._resident_arrays[key]  # changed since, or its arena is gone: unknown_resident
+                del self._resident_arrays[key]  # its graphs get unknown_resident
         if self._want_rings:
             self._open_rings()
 
