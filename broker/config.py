@@ -98,6 +98,9 @@ class Config:
     spin_us: int = -1                     # the broker's event loop
     worker_spin_us: int = -1              # each device worker
     client_spin_us: int = -1              # recommended to tenants in the handshake
+    # The direct path: after this many runs in a row from one session with nobody else's in between,
+    # its runs go from its ring straight to the device worker (broker/leases.py); 0: never.
+    direct_after: int = 32
     tenants: tuple[TenantRule, ...] = field(default=())
 
     def replace(self, **changes: Any) -> Config:
@@ -164,7 +167,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if not 0 <= value <= 65535:
             raise ConfigError(f"config: metrics_port = {value} is not a TCP port (0 turns metrics off)")
     elif (isinstance(value, int) and not isinstance(value, bool) and value <= 0
-          and key != "socket_mode" and base not in ("uid", "gid")):
+          and key != "socket_mode" and base not in ("uid", "gid") and not (key == "direct_after" and value == 0)):
         raise ConfigError(f"config: {key} = {value} must be positive")
     return value
 

@@ -22,6 +22,7 @@ from . import errors
 from .engine_base import EngineBase
 from .pool.residency import Admission
 from .protocol import Timings
+from .records import policy_deadline, run_limit
 from .registry import ArenaRecord, PreparedRecord, ResidentRecord, TenantState, _ignore
 from .scheduler import LATENCY, Job
 from .streams.wire import (
@@ -77,9 +78,12 @@ class Dispatch(EngineBase):
     def submit(self, *, tenant: str, session: int, prepared: PreparedRecord, slices: tuple[int, ...],
                values: tuple[int | float, ...], arenas: tuple[int, ...], timeout: float,
                on_done: Callable[[GraphResult | errors.KaasError], None], priority: int = 0,
-               trace_from: float = 0.0) -> int:
+               trace_from: float = 0.0, replay: str = "") -> int:
         """Queue a run of a prepared graph with checked bindings (``arenas``: the global arena id
-        of each arena buffer); ``on_done`` gets its result or typed error, exactly once."""
+        of each arena buffer); ``on_done`` gets its result or typed error, exactly once.
+
+        ``replay``: the run was taken by a device worker that died (the direct path): "suspect" runs
+        it alone, "innocent" ahead of new work, as replays on this path are."""
         if not self.accepting:
             raise errors.ShuttingDown("cannot run graph: the broker is shutting down")
         if not self._respawns and not any(w.alive for w in self.workers.values()):
@@ -103,8 +107,7 @@ class Dispatch(EngineBase):
         if pol.priority == "latency":
             priority = LATENCY
         job = Job(next(self._ids), tenant, session, now, t.residents, priority, weight=pol.weight)
-        limit = pol.max_graph_seconds
-        deadline = (min(timeout, limit) if limit > 0 else timeout) if timeout > 0 else max(limit, 0.0)
+        deadline = policy_deadline(timeout, pol.max_graph_seconds)
         p = _Pending(job, prepared, slices, values, on_done, now, deadline, arena_recs, residents,
                      trace=[trace_from] if trace_from else None)
         prepared.inflight += 1
@@ -116,7 +119,19 @@ class Dispatch(EngineBase):
         self._pending[job.id] = p
         self._idle.clear()
         st.waiting += 1
-        if st.in_sched < pol.max_inflight:
+        if self.leases or session != self._streak_session:
+            self._note_run(session, now)
+        else:
+            self._streak += 1
+        if replay:
+            p.attempts = 1
+            p.isolated = replay == "suspect"
+            st.in_sched += 1
+            p.in_sched = True
+            self._sched_for(tenant).requeue(job, isolate=p.isolated)
+            self.stats["replays"] += 1
+            self._pump()
+        elif st.in_sched < pol.max_inflight:
             st.in_sched += 1
             p.in_sched = True
             self._sched_for(tenant).submit(job, now)
@@ -268,7 +283,7 @@ class Dispatch(EngineBase):
         p.dispatched = time.monotonic()
         self.tenants[job.tenant].waiting -= 1
         self._place(p.admission, device, p.residents)
-        limit = min(p.deadline, self.config.max_graph_seconds) if p.deadline > 0 else self.config.max_graph_seconds
+        limit = run_limit(p.deadline, 0.0, self.config.max_graph_seconds)
         p.worker, p.limit = w, limit
         self._running[job.id] = p
         if not self._sweeping:
@@ -422,6 +437,10 @@ class Dispatch(EngineBase):
         tpl = p.prepared.template
         self.metrics.tenant(job.tenant).graph_done(device, now - p.submitted, t.kernels, tpl.input_bytes,
                                                    tpl.output_bytes)
+        if device != self._streak_device:  # a tenant spread over several devices keeps them all
+            self._streak_device, self._streak = device, 0
+        elif self._streak >= self.config.direct_after > 0:
+            self._maybe_lease(job.session, device)
         self._pump()
         self._kick(now)
 

@@ -26,6 +26,7 @@ import structlog
 from . import errors
 from .config import Config
 from .dispatch import Dispatch, GraphResult, _Pending
+from .leases import Leases, new_lease_state
 from .metrics import Metrics
 from .pool.residency import Pool
 from .registry import (
@@ -51,7 +52,7 @@ __all__ = ["Engine", "ArenaRecord", "GraphResult", "LibraryRecord", "PreparedRec
            "TenantState", "LIBRARY_FORMATS", "MAX_LIBRARY_BYTES", "check_kernel_specs", "library_digest"]
 
 
-class Engine(Registry, Dispatch, Supervision):
+class Engine(Registry, Dispatch, Supervision, Leases):
     def __init__(self, config: Config, devices: list[str], metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -87,7 +88,10 @@ class Engine(Registry, Dispatch, Supervision):
         self.stats: dict[str, int] = {"graphs": 0, "graph_errors": 0, "resident_puts": 0, "library_loads": 0,
                                       "worker_restarts": 0, "respawn_failures": 0, "replays": 0, "deadline_kills": 0, "evictions": 0,
                                       "prepared": 0, "prepared_live": 0, "ring_runs": 0, "library_evictions": 0,
-                                      "library_drops": 0}
+                                      "library_drops": 0, "leases": 0, "direct_runs": 0}
+        # The direct path (broker/leases.py): sessions whose runs go straight to a worker.
+        for name, value in new_lease_state().items():
+            setattr(self, name, value)
         self.strikes: dict[tuple[str, str, str], int] = {}    # (tenant, library, kernel) -> faults
         self.quarantined: dict[tuple[str, str, str], float] = {}  # -> since (time.time())
         self.spin = config.spin("spin_us", devices)
@@ -112,6 +116,7 @@ class Engine(Registry, Dispatch, Supervision):
                          spin_us=round(self.config.spin("worker_spin_us", self.devices) * 1e6),
                          on_exit=self._worker_exit, physical=physical, tenant=tenant, hub=self.hub)
         w.on_poisoned = self._worker_poisoned
+        w.on_event = self._worker_event
         return w
 
     # -- pools of workers: the shared one, and one per dedicated tenant --------------------

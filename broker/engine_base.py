@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .metrics import Metrics
@@ -61,6 +61,16 @@ class EngineBase:
     _spinning: bool
     _spin_until: float
     _sweeping: bool
+    # the direct path (broker/leases.py)
+    leases: dict[int, Any]               # session id -> Lease
+    _leases_by_id: dict[int, Any]
+    lease_hosts: dict[int, Any]          # session id -> the session (a LeaseHost), once its rings are open
+    _lease_ids: itertools.count[int]
+    _streak_session: int
+    _streak: int
+    _streak_device: str
+    _streak_since: float
+    _lease_sweeping: bool
 
     if TYPE_CHECKING:  # what one part calls of another (defined in engine.py, registry.py, dispatch.py,
         # supervision.py); declared here so each part type-checks on its own
@@ -77,6 +87,11 @@ class EngineBase:
         def _pump(self) -> None: ...
         def _unpark(self, st: TenantState) -> bool: ...
         def _open_dedicated(self, st: TenantState) -> None: ...
+        def _place(self, adm: Any, device: str, residents: tuple[ResidentRecord, ...]) -> None: ...
+        def strike(self, tenant: str, template: Any, err: KaasError) -> None: ...
+        def _note_run(self, session: int, now: float) -> None: ...
+        def _maybe_lease(self, session: int, device: str) -> None: ...
+        def _leases_lost(self, worker: WorkerHandle) -> None: ...
         async def _close_dedicated(self, name: str) -> None: ...
         def _deadline_passed(self, job_id: int, w: WorkerHandle, limit: float) -> None: ...
         def _replay(self, p: _Pending, reply: WReply | None, now: float) -> bool: ...

@@ -74,6 +74,13 @@ class TenantMetrics:
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
         self.latency_sum += latency
 
+    def graphs_direct(self, device: str, count: int, device_seconds: float) -> None:
+        """``count`` graphs completed on the direct path (``broker/leases.py``) with this much kernel time
+        on ``device``: counted with the rest, but not in the latency histogram (the broker did not see them)."""
+        self.graphs += count
+        ds = self.device_seconds
+        ds[device] = ds.get(device, 0.0) + device_seconds
+
     def charge(self, device: str, device_seconds: float) -> None:
         """Device time of a graph that ended without a result (``graph_done`` charges its own)."""
         ds = self.device_seconds

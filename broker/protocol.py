@@ -62,8 +62,15 @@ HOPS = ("tenant -> broker", "broker decode/validate/schedule", "broker -> worker
         "device + completion detection", "worker -> broker", "broker -> tenant")
 
 
+# A run on the direct path (broker/leases.py) skips the broker: tenant_send, worker_recv,
+# worker_launched, worker_done, tenant_recv.
+DIRECT_HOPS = ("tenant -> worker", "launch", "device + completion detection", "worker -> tenant")
+
+
 def trace_hops(stamps: tuple[float, ...] | list[float]) -> dict[str, float]:
-    """Seconds spent in each hop of a traced request, from its TRACE_POINTS stamps."""
+    """Seconds spent in each hop of a traced request, from its TRACE_POINTS stamps (or a direct run's)."""
+    if len(stamps) == len(DIRECT_HOPS) + 1:
+        return {h: b - a for h, a, b in zip(DIRECT_HOPS, stamps, stamps[1:], strict=False)}
     if len(stamps) != len(TRACE_POINTS):
         return {}
     return {h: b - a for h, a, b in zip(HOPS, stamps, stamps[1:], strict=False)}
@@ -321,12 +328,14 @@ class GraphPrepared(_Base, tag="prepared", frozen=True):
 
 class RingsOpened(_Base, tag="rings_ok", frozen=True):
     """The session's rings: three fds ride on this frame (SCM_RIGHTS), in order: the ring
-    segment (ring 0: runs, tenant -> broker; ring 1: completions, broker -> tenant), the eventfd
-    that wakes the broker and the one that wakes the tenant."""
+    segment (ring 0: runs, tenant -> broker; ring 1: completions, broker -> tenant; ring 2, when
+    ``rings`` is 3: completions from a device worker, the direct path), the eventfd that wakes
+    the broker (or the worker reading ring 0) and the one that wakes the tenant."""
 
     req: int
     slots: int
     slot_size: int
+    rings: int = 2
 
 
 class Pong(_Base, tag="pong", frozen=True):

@@ -70,6 +70,19 @@ def _trace_struct(n: int) -> struct.Struct:
     return struct.Struct(f"<{n}d")
 
 
+def policy_deadline(timeout: float, policy_max: float) -> float:
+    """A run's deadline in seconds from its request's ``timeout`` and its tenant's cap (0: none)."""
+    if timeout > 0:
+        return min(timeout, policy_max) if policy_max > 0 else timeout
+    return max(policy_max, 0.0)
+
+
+def run_limit(timeout: float, policy_max: float, config_max: float) -> float:
+    """The time a run may take on a device: its deadline, capped by the broker's ``max_graph_seconds``."""
+    d = policy_deadline(timeout, policy_max)
+    return min(d, config_max) if d > 0 else config_max
+
+
 def run_size(pairs: int, nvalues: int) -> int:
     return RUN_HEAD.size + 16 * pairs + 8 * nvalues
 

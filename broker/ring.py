@@ -74,7 +74,7 @@ from broker import errors
 
 __all__ = [
     "RingCorrupt", "RingGeometry", "Producer", "Consumer", "create_segment", "map_segment",
-    "make_eventfd", "wake", "drain", "wait_readable", "MAGIC", "VERSION", "HEADER_BYTES",
+    "make_eventfd", "wake", "drain", "wait_readable", "published", "MAGIC", "VERSION", "HEADER_BYTES",
 ]
 
 MAGIC = b"KAASRING"
@@ -294,6 +294,17 @@ class Producer(_End):
         self._q[_HEAD_Q] = head
         return True
 
+    def start_at(self, head: int) -> None:
+        """Continue a ring another producer wrote ``head`` records into (a handover: the old producer
+        has stopped).  The consumer's tail is read, and checked, on the first full ring."""
+        self._head = head
+        self._tail = max(0, head - self._slots)
+
+    @property
+    def head(self) -> int:
+        """Records this side has published (its own count)."""
+        return self._head
+
     def space(self) -> int:
         """Free slots now (at least this many pushes will succeed)."""
         return self._slots - (self._head - self._read_tail())
@@ -352,8 +363,37 @@ class Consumer(_End):
         self._q[_TAIL_Q] = tail
         return record
 
-    def pop_many(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` records, oldest first (a bounded batch, for fairness between rings)."""
+    def start_at(self, tail: int) -> None:
+        """Continue a ring another consumer read up to ``tail`` (a handover: the old consumer has
+        stopped); publishes ``tail`` so the producer sees those slots free."""
+        self._tail = self._head = tail
+        self._q[_TAIL_Q] = tail
+
+    @property
+    def tail(self) -> int:
+        """Records this side has taken (its own count)."""
+        return self._tail
+
+    def publish_tail(self, tail: int) -> None:
+        """Free the slots before ``tail`` to the producer (after ``pop_many(..., publish=False)``,
+        once the records taken are finished with): ``tail`` may lag behind what was taken."""
+        self._q[_TAIL_Q] = tail
+
+    def read_slot(self, position: int) -> bytes:
+        """Record ``position``'s slot as it is now, copied out, its length checked: for a consumer
+        taking over records another consumer took but did not finish (the caller knows they are
+        published; a hostile producer may have rewritten them, so they are checked like any other)."""
+        i = position & self._mask
+        n: int = self._lens[i * self._words]
+        if not 0 < n <= self.max_payload:
+            raise self._bad_length(position, n)
+        off = self._data + i * self._slot_size
+        return self._mm[off:off + n]
+
+    def pop_many(self, limit: int, publish: bool = True) -> list[bytes]:
+        """Up to ``limit`` records, oldest first (a bounded batch, for fairness between rings).
+
+        ``publish=False`` takes them without freeing their slots (see :meth:`publish_tail`)."""
         tail = self._tail
         count = self._head - tail
         if count < limit:
@@ -371,7 +411,8 @@ class Consumer(_End):
             out.append(mm[off:off + n])
         if count > 0:
             self._tail = tail = tail + count
-            self._q[_TAIL_Q] = tail
+            if publish:
+                self._q[_TAIL_Q] = tail
         return out
 
     def ready(self) -> bool:
@@ -395,6 +436,15 @@ class Consumer(_End):
 
     def end_sleep(self) -> None:
         self._u[_SLEEPING_I] = 0
+
+
+def published(mm: mmap.mmap, geom: RingGeometry, index: int) -> int:
+    """Ring ``index``'s head word as it is now: what its producer says it has published.
+
+    For a side that is neither end (the broker, after the worker that produced it died); the value
+    is not checked here."""
+    value: int = struct.unpack_from("<Q", mm, geom.offset(index) + 8 * _HEAD_Q)[0]
+    return value
 
 
 def make_eventfd() -> int:

@@ -52,12 +52,14 @@ from .protocol import (
     Status,
     StatusReply,
     TenantMessage,
+    Timings,
     Welcome,
     decode_tenant,
     encode,
     error_frame,
 )
 from .records import DEDICATED, TRACE, decode_run, decode_values, encode_done
+from .ring import RingCorrupt
 from .session_rings import SessionRings
 from .tenants import Peer, Tenant, TenantDirectory
 
@@ -157,15 +159,18 @@ class Session:
         rings = SessionRings(asyncio.get_running_loop(), self.engine.hub, self._ring_record, self._ring_corrupt)
         try:
             self.inflight.discard(req)
-            self._send_fds(encode(RingsOpened(req, rings.geom.slots, rings.geom.slot_size)), rings.handover())
+            self._send_fds(encode(RingsOpened(req, rings.geom.slots, rings.geom.slot_size, rings.geom.rings)),
+                           rings.handover())
         except BaseException:
             rings.close()
             raise
-        rings.handed_over()
         self.rings = rings
+        self.engine.lease_hosts[self.id] = self
 
-    def _ring_record(self, rec: bytes) -> None:
-        """One run record from the tenant's ring: the same checks and reply as a RunPrepared frame."""
+    def _ring_record(self, rec: bytes, replay: str = "") -> None:
+        """One run record from the tenant's ring: the same checks and reply as a RunPrepared frame.
+
+        ``replay``: it comes back from a device worker on the direct path (``broker/leases.py``)."""
         self.recv_stamp = time.perf_counter()
         try:
             req, handle, flags, _, _, timeout, slices, nvalues, at = decode_run(rec)
@@ -179,9 +184,72 @@ class Session:
         def run() -> None:
             prepared = self._held(handle)
             values = decode_values(rec, at, nvalues, prepared.vstruct)
-            self._submit(req, prepared, slices, values, timeout, bool(flags & TRACE), ring=True)
+            self._submit(req, prepared, slices, values, timeout, bool(flags & TRACE), ring=True, replay=replay)
 
         self._answering(req, run)
+
+    # -- the direct path (broker/leases.py: this session as a LeaseHost) ---------------------------
+    def lease_tables(self) -> tuple[str, tuple[tuple[int, ArenaRecord], ...],
+                                    tuple[tuple[int, PreparedRecord], ...]] | None:
+        """What a worker needs to take this session's runs: None if some graph must stay with the broker."""
+        if self.tenant is None or self.closed or self.tenant.name in self.engine.dedicated:
+            return None
+        try:
+            for rec in self.prepared.values():
+                if rec.released or any(r.released for r in rec.residents):
+                    return None
+                self.engine.check_quarantine(self.tenant.name, rec.template)
+        except errors.Quarantined:
+            return None
+        arenas = tuple((local, a) for local, a in self.arenas.items() if not a.closed)
+        return self.tenant.name, arenas, tuple(self.prepared.items())
+
+    def run_escalated(self, rec: bytes, replay: str) -> None:
+        """A run the worker handed back (or took and could not finish): the broker's path runs it."""
+        self._ring_record(rec, replay)
+
+    def _direct_req(self, rec: bytes) -> tuple[int, int] | None:
+        try:
+            req, handle, *_ = decode_run(rec)
+        except errors.KaasError:
+            return None
+        if not self._admit(req):
+            return None
+        return req, handle
+
+    def deliver_direct(self, rec: bytes, device: str, timings: Timings) -> None:
+        """A direct run succeeded but its completion did not reach ring 2: the broker posts it."""
+        got = self._direct_req(rec)
+        if got is not None:
+            self._graphs.add(got[0])
+            self._graphs_idle.clear()
+            self._ring_done(got[0], GraphResult(device, timings))
+
+    def fail_direct(self, rec: bytes, err: errors.KaasError) -> None:
+        """A direct run failed on the device (a fault, a deadline): the tenant hears why."""
+        got = self._direct_req(rec)
+        if got is None:
+            return
+        req, handle = got
+        prepared = self.prepared.get(handle)
+        if prepared is not None and self.tenant is not None:
+            err = self.engine.direct_failed(self.tenant.name, prepared.template, err, "")
+        self._finish_error(req, err)
+
+    def rings_broken(self, reason: str) -> None:
+        self._ring_corrupt(RingCorrupt(f"the session's run ring is corrupt: {reason}"))
+
+    def _lease_then(self, req: int, fn: Callable[[], None]) -> None:
+        """Do ``fn`` (a release) once this session's lease, if any, has ended."""
+        if self.id not in self.engine.leases:
+            fn()
+            return
+
+        async def later() -> None:
+            await self.engine.end_lease(self.id)
+            self._answering(req, fn)
+
+        self._spawn(req, later())
 
     def _ring_corrupt(self, exc: errors.KaasError) -> None:
         self.log.warning("ring_corrupt", error=str(exc))
@@ -235,7 +303,9 @@ class Session:
         elif isinstance(msg, OpenRings):
             self._open_rings(req)
         elif isinstance(msg, ReleaseGraph):
-            self.engine.release_prepared(self._held(msg.handle))
+            held = self._held(msg.handle)
+            self.engine.lease_released(self.id, msg.handle)  # (a worker holds off releasing it while it runs)
+            self.engine.release_prepared(held)
             del self.prepared[msg.handle]
             self._finish(req, Done(req))
         elif isinstance(msg, RegisterArena):
@@ -261,8 +331,14 @@ class Session:
             res = self.state.residents.get(msg.resident)
             if res is None:
                 raise errors.UnknownResident(f"resident {msg.resident[:16]!r} is not registered by this tenant")
-            self.engine.release_resident(self.state, res)
-            self._finish(req, Done(req))
+            held_res = res
+
+            def release_resident() -> None:
+                if self.state is not None and self.state.residents.get(msg.resident) is held_res:
+                    self.engine.release_resident(self.state, held_res)
+                self._finish(req, Done(req))
+
+            self._lease_then(req, release_resident)
         elif isinstance(msg, Prefetch):
             assert self.state is not None and self.tenant is not None
             res = self.state.residents.get(msg.resident)
@@ -308,6 +384,7 @@ class Session:
         rec = self._template(msg.graph)
         handle = next(self._prepared_ids)
         self.prepared[handle] = rec
+        self.engine.lease_prepared(self.id, handle, rec)  # before the tenant can run it
         t = rec.template
         self._finish(req, GraphPrepared(req, handle, 2 * len(t.arena_buffers), t.literal_kinds))
 
@@ -340,7 +417,7 @@ class Session:
         self._submit(req, rec, slices, values, msg.timeout, msg.trace)
 
     def _submit(self, req: int, rec: PreparedRecord, slices: tuple[int, ...], values: tuple[int | float, ...],
-                timeout: float, trace: bool, ring: bool = False) -> None:
+                timeout: float, trace: bool, ring: bool = False, replay: str = "") -> None:
         assert self.tenant is not None
         bound, vals, arenas = bind(rec.template, slices, values, self._arena_refs)
         self.engine.check_quarantine(self.tenant.name, rec.template)
@@ -349,7 +426,7 @@ class Session:
         self.engine.submit(tenant=self.tenant.name, session=self.id, prepared=rec, slices=bound, values=vals,
                            arenas=arenas, timeout=timeout,
                            on_done=functools.partial(self._ring_done if ring else self._graph_done, req),
-                           trace_from=self.recv_stamp if trace else 0.0)
+                           trace_from=self.recv_stamp if trace else 0.0, replay=replay)
         self._graphs.add(req)
         self._graphs_idle.clear()
 
@@ -390,9 +467,11 @@ class Session:
         local = next(self._arena_ids)
         self.arenas[local] = rec
         self._set_arena_ref(local, ArenaRef(rec.gid, rec.size))
+        self.engine.lease_arena(self.id, local, rec)  # a leased session's worker learns of it first
         self._finish(req, ArenaRegistered(req, local))
 
     async def _release_arena(self, req: int, local: int, rec: ArenaRecord) -> None:
+        await self.engine.end_lease(self.id)  # the worker lets go of the session's runs first
         await self.engine.release_arena(rec)
         self.arenas.pop(local, None)
         self._set_arena_ref(local, None)
@@ -482,6 +561,12 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.engine.lease_hosts.pop(self.id, None)
+        if self.id in self.engine.leases:
+            try:  # its runs on the device finish before its arenas go
+                await asyncio.shield(self.engine.end_lease(self.id))
+            except asyncio.CancelledError:
+                pass
         if self.rings is not None:
             self.rings.close()
             self.rings = None

@@ -21,9 +21,11 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from .ring import Consumer, Producer, RingCorrupt, RingGeometry, create_segment, drain, make_eventfd, wake
+from .ring import Consumer, Producer, RingCorrupt, RingGeometry, create_segment, drain, make_eventfd, published, wake
 
-GEOMETRY = RingGeometry(slots=256, slot_size=512)
+# Ring 0: runs (tenant -> broker, or -> a device worker under a lease); ring 1: completions from the
+# broker; ring 2: completions from a device worker on the direct path (``broker/leases.py``).
+GEOMETRY = RingGeometry(slots=256, slot_size=512, rings=3)
 PASS_LIMIT = 32  # records taken from one ring per pass
 
 
@@ -96,17 +98,48 @@ class SessionRings:
         self.wake_tenant = make_eventfd()
         self.open = True
         self.broken = False  # a corrupt ring: nothing more is read from it (the session is closing)
+        self.paused = False  # a device worker reads ring 0 now (a lease)
+        self.done_head = 0   # ring 2's records so far, as of the last lease's end
         self.runs.prepare_sleep()  # asleep until the tenant's first record (it writes the eventfd)
         loop.add_reader(self.wake_broker, self._on_wake)
         hub.members.add(self)
 
     def handover(self) -> list[int]:
-        """The fds the tenant gets (the caller sends them, then calls ``handed_over``)."""
+        """The fds the tenant gets (the caller sends them; the segment's fd is kept for leases)."""
         return [self.fd, self.wake_broker, self.wake_tenant]
 
-    def handed_over(self) -> None:
-        os.close(self.fd)  # the mapping stays; the tenant holds its own fd
-        self.fd = -1
+    def lease_fds(self) -> list[int]:
+        """What a device worker needs to read ring 0 and post on ring 2 (duplicated as it is sent)."""
+        return [self.fd, self.wake_broker, self.wake_tenant]
+
+    def pause(self) -> int:
+        """Stop reading ring 0 (a device worker takes over there); returns where it goes on."""
+        self.paused = True
+        self.hub.members.discard(self)
+        self.loop.remove_reader(self.wake_broker)
+        return self.runs.tail
+
+    def resume(self, taken: int, done_head: int) -> None:
+        """Read ring 0 again from ``taken`` (where the worker stopped), now, and whenever woken."""
+        if not self.open:
+            return
+        self.paused = False
+        self.done_head = done_head
+        self.runs.start_at(taken)
+        self.hub.members.add(self)
+        self.loop.add_reader(self.wake_broker, self._on_wake)
+        self.hub.woken(self)  # records that came while nobody was reading
+
+    def direct_published(self) -> int:
+        """Ring 2's head as the worker left it (after its death: how many completions it posted)."""
+        return published(self.mm, self.geom, 2)
+
+    def record_at(self, position: int) -> bytes | None:
+        """Ring-0 record ``position`` as its slot holds it now (a lease's unfinished run), or None."""
+        try:
+            return self.runs.read_slot(position)
+        except RingCorrupt:
+            return None
 
     def _on_wake(self) -> None:
         drain(self.wake_broker)
@@ -114,14 +147,14 @@ class SessionRings:
         self.hub.woken(self)
 
     def ready(self) -> bool:
-        return self.open and not self.broken and self.runs.ready()
+        return self.open and not self.broken and not self.paused and self.runs.ready()
 
     def _corrupt(self, exc: RingCorrupt) -> None:
         self.broken = True
         self._on_corrupt(exc)
 
     def poll(self, limit: int) -> int:
-        if not self.open or self.broken:
+        if not self.open or self.broken or self.paused:
             return 0
         try:
             records = self.runs.pop_many(limit)
@@ -135,7 +168,7 @@ class SessionRings:
         return len(records)
 
     def sleep(self) -> bool:
-        if not self.open or self.broken:
+        if not self.open or self.broken or self.paused:
             return True
         try:
             return self.runs.prepare_sleep()
@@ -164,7 +197,8 @@ class SessionRings:
             return
         self.open = False
         self.hub.members.discard(self)
-        self.loop.remove_reader(self.wake_broker)
+        if not self.paused:
+            self.loop.remove_reader(self.wake_broker)
         self.runs.close()
         self.completions.close()
         self.mm.close()

@@ -113,6 +113,8 @@ class Supervision(EngineBase):
             task = asyncio.get_running_loop().create_task(self._respawn(worker.device))
             self._respawns[worker.device] = task
             task.add_done_callback(functools.partial(self._respawn_done, worker.device))
+        if self.leases:
+            self._leases_lost(worker)  # with the device down: their replays wait for the new worker
 
     def _respawn_done(self, device: str, task: asyncio.Task[None]) -> None:
         self._respawns.pop(device, None)
@@ -219,17 +221,20 @@ class Supervision(EngineBase):
         return True
 
     def _strike(self, p: _Pending, err: errors.KaasError) -> None:
+        self.strike(p.job.tenant, p.prepared.template, err)
+
+    def strike(self, tenant: str, template: Template, err: errors.KaasError) -> None:
         """Count a fault against the kernels that caused it; quarantine repeat offenders."""
-        kernels = set(p.prepared.template.kernel_keys)
+        kernels = set(template.kernel_keys)
         named = err.detail.get("kernel")
         if named:
             kernels = {lk for lk in kernels if lk[1] == named} or kernels
         for lib, name in kernels:
-            key = (p.job.tenant, lib, name)
+            key = (tenant, lib, name)
             n = self.strikes[key] = self.strikes.get(key, 0) + 1
             if n >= self.config.quarantine_after and key not in self.quarantined:
                 self.quarantined[key] = time.time()
-                log.warning("kernel_quarantined", tenant=p.job.tenant, library=lib[:16], kernel=name, faults=n)
+                log.warning("kernel_quarantined", tenant=tenant, library=lib[:16], kernel=name, faults=n)
 
     def check_quarantine(self, tenant: str, template: Template) -> None:
         if not self.quarantined:

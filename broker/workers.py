@@ -52,6 +52,7 @@ class WorkerHandle:
         self.libraries: set[str] = set()  # libraries it loaded (a respawn loads only what a tenant holds)
         self.poisoned = False  # it said a sticky fault ended it: what it does not answer never ran
         self.on_poisoned: Callable[[WorkerHandle], None] | None = None
+        self.on_event: Callable[[WorkerHandle, Any], None] | None = None  # the direct path's events
         self.proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
@@ -140,8 +141,8 @@ class WorkerHandle:
         self._seq += 1
         return self._seq
 
-    def send(self, cmd: WorkerCommand, fd: int | None = None) -> asyncio.Future[WReply]:
-        """Queue ``cmd`` (and ``fd``, which is duplicated) and return the future of its reply."""
+    def send(self, cmd: WorkerCommand, fd: int | list[int] | None = None) -> asyncio.Future[WReply]:
+        """Queue ``cmd`` (and ``fd``, or several, duplicated) and return the future of its reply."""
         assert self._loop is not None
         fut: asyncio.Future[WReply] = self._loop.create_future()
 
@@ -156,7 +157,7 @@ class WorkerHandle:
         return fut
 
     def send_cb(self, cmd: WorkerCommand, on_reply: Callable[[WReply | errors.KaasError], None],
-                fd: int | None = None) -> None:
+                fd: int | list[int] | None = None) -> None:
         """Queue ``cmd``; ``on_reply`` gets its WReply (or WorkerLost) as soon as it is read."""
         assert self._loop is not None
         if not self.alive or self._sock is None:
@@ -166,7 +167,7 @@ class WorkerHandle:
         self._sock_seq = cmd.seq
         frame = encode(cmd)
         if fd is not None:
-            self._out_fds.append((len(self._out), [os.dup(fd)]))
+            self._out_fds.append((len(self._out), [os.dup(f) for f in ([fd] if isinstance(fd, int) else fd)]))
         self._out += frame
         self._flush()
 
@@ -225,7 +226,7 @@ class WorkerHandle:
             while self.poll(_RING_PASS) or not self.sleep():
                 pass
 
-    async def call(self, cmd: WorkerCommand, fd: int | None = None) -> WReply:
+    async def call(self, cmd: WorkerCommand, fd: int | list[int] | None = None) -> WReply:
         reply = await self.send(cmd, fd)
         if reply.code:
             raise errors.from_wire(reply.code, reply.message, reply.detail)
@@ -286,8 +287,11 @@ class WorkerHandle:
                 log.warning("worker_poisoned", device=self.device, reason=ev.reason)
                 if self.on_poisoned is not None:
                     self.on_poisoned(self)
-            elif isinstance(ev, WReady) and self._ready is not None and not self._ready.done():
-                self._ready.set_result(ev.info)
+            elif isinstance(ev, WReady):
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(ev.info)
+            elif self.on_event is not None:
+                self.on_event(self, ev)
 
     def _lost(self, why: str) -> None:
         if not self.alive:

@@ -24,7 +24,7 @@ class ClientRings:
             raise errors.ProtocolError(f"the broker's rings came with {len(fds)} file descriptors, expected 3")
         seg, self.wake_broker, self.wake_tenant = fds
         try:
-            self.geom = RingGeometry(reply.slots, reply.slot_size)
+            self.geom = RingGeometry(reply.slots, reply.slot_size, reply.rings)
             self.mm = map_segment(seg, self.geom)
         except BaseException:
             for fd in fds:
@@ -34,6 +34,9 @@ class ClientRings:
             os.close(seg)
         self.runs = Producer(self.mm, self.geom, 0)
         self.completions = Consumer(self.mm, self.geom, 1)
+        # Ring 2: completions straight from a device worker, while the session's runs go there
+        # (the direct path, broker/leases.py); both producers write the same eventfd.
+        self.direct = Consumer(self.mm, self.geom, 2) if self.geom.rings >= 3 else None
         self.max_payload = self.geom.max_payload
         self._devices = devices
         self._dedicated = tuple(f"{d}#{tenant}" for d in devices)
@@ -48,15 +51,19 @@ class ClientRings:
         return True
 
     def pending(self) -> int:
-        return self.completions.pending()
+        n = self.completions.pending()
+        return n + self.direct.pending() if self.direct is not None else n
 
     def ready(self) -> bool:
-        return self.completions.ready()
+        return self.completions.ready() or (self.direct is not None and self.direct.ready())
 
     def take(self) -> list[GraphDone]:
         """Completions published so far, as the GraphDone frames they stand for."""
+        records = self.completions.pop_many(1024)
+        if self.direct is not None:
+            records += self.direct.pop_many(1024)
         out = []
-        for rec in self.completions.pop_many(1024):
+        for rec in records:
             _, req, device, flags, t, trace = decode_done(rec)
             names = self._dedicated if flags & DEDICATED else self._devices
             name = names[device] if device < len(names) else f"device {device}"
@@ -64,10 +71,17 @@ class ClientRings:
         return out
 
     def prepare_sleep(self) -> bool:
-        return self.completions.prepare_sleep()
+        if not self.completions.prepare_sleep():
+            return False
+        if self.direct is not None and not self.direct.prepare_sleep():
+            self.completions.end_sleep()
+            return False
+        return True
 
     def end_sleep(self) -> None:
         self.completions.end_sleep()
+        if self.direct is not None:
+            self.direct.end_sleep()
         drain(self.wake_tenant)
 
     def close(self) -> None:
@@ -76,6 +90,8 @@ class ClientRings:
         self.open = False
         self.runs.close()
         self.completions.close()
+        if self.direct is not None:
+            self.direct.close()
         self.mm.close()
         for fd in (self.wake_broker, self.wake_tenant):
             try:

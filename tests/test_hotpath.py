@@ -121,7 +121,7 @@ class RingTenant:
         (body,) = self.conn.decoder.feed(data)
         opened = P.decode_broker(body)
         assert isinstance(opened, P.RingsOpened) and len(fds) == 3, opened
-        self.geom = RingGeometry(opened.slots, opened.slot_size)
+        self.geom = RingGeometry(opened.slots, opened.slot_size, opened.rings)
         self.seg_fd, self.wake_broker, self.wake_tenant = fds
         self.mm = map_segment(self.seg_fd, self.geom)
         self.runs = Producer(self.mm, self.geom, 0)

@@ -141,6 +141,63 @@ class WRun(_W, tag="prun", frozen=True):
     trace: bool = False
 
 
+class LeaseHandle(msgspec.Struct, array_like=True, frozen=True):
+    """A session's prepared graph as a lease knows it: its handle, the broker's ``gid``, and what a
+    run's bindings are checked against: ``(nbytes, itemsize)`` per arena buffer, literal kinds."""
+
+    handle: int
+    gid: int
+    buffers: tuple[tuple[int, int], ...]
+    kinds: tuple[str, ...]
+    values: tuple[int | float, ...]  # the literals' values at prepare time (a run that repeats them skips checks)
+
+
+class WLease(_W, tag="lease", frozen=True):
+    """Take session runs straight from the session's ring: the direct path (``streams.direct``).
+
+    Four fds ride on it: the session's ring segment (``slots`` x ``slot_size``, ``rings`` rings), the
+    eventfd the tenant writes when the run ring's consumer sleeps, the tenant's own eventfd, and
+    the lease page (``streams.direct.LeasePage``).  Runs are read from ring 0 at ``run_tail``;
+    completions go to ring 2 from ``done_head``.  ``arenas``: ``(session id, global id, size)``.
+    """
+
+    seq: int
+    lease: int
+    slots: int
+    slot_size: int
+    rings: int
+    run_tail: int
+    done_head: int
+    device: int
+    flags: int
+    priority: int
+    max_inflight: int
+    max_seconds: float   # the policy's cap on a run's time (0: none)
+    limit_seconds: float  # the broker's cap (config.max_graph_seconds)
+    arenas: tuple[tuple[int, int, int], ...]
+    handles: tuple[LeaseHandle, ...]
+    spin_us: int = 0  # busy-poll this long after activity while leased (the broker's spin moves here)
+
+
+class WLeaseAdd(_W, tag="lease_add", frozen=True):
+    """The lease's session changed: arenas and prepared graphs registered since it was granted,
+    and handles it released (``drop``: runs that name them go to the broker from now on)."""
+
+    seq: int
+    lease: int
+    arenas: tuple[tuple[int, int, int], ...] = ()
+    handles: tuple[LeaseHandle, ...] = ()
+    drop: tuple[int, ...] = ()
+
+
+class WRevoke(_W, tag="revoke", frozen=True):
+    """End a lease: take nothing more, and answer once its runs have finished, with
+    ``info = {"taken": ring 0 position, "done_head": ring 2 position}``."""
+
+    seq: int
+    lease: int
+
+
 class WInfo(_W, tag="info", frozen=True):
     seq: int
 
@@ -151,7 +208,7 @@ class WShutdown(_W, tag="shutdown", frozen=True):
 
 WorkerCommand = Union[
     WLoadLibrary, WUnloadLibrary, WPinArena, WUnpinArena, WPutResident, WEvictResident, WPrepare, WRelease,
-    WRun, WInfo, WShutdown,
+    WRun, WInfo, WShutdown, WLease, WLeaseAdd, WRevoke,
 ]
 
 
@@ -182,7 +239,33 @@ class WPoisoned(_W, tag="poisoned", frozen=True):
     reason: str
 
 
-WorkerEvent = Union[WReply, WReady, WPoisoned]
+class WEscalate(_W, tag="escalate", frozen=True):
+    """A run of a lease that the direct path does not finish itself: the broker takes it over.
+
+    ``code`` empty and ``timings`` set: it succeeded, but its completion could not be posted
+    (deliver it).  ``code`` empty, no timings: it was not started (the broker runs it its own way,
+    which also gives any error its full text).  Otherwise it failed on the device with that error
+    (``KernelFault`` with ``ambiguous``, ``WorkerLost``: replay it as a suspect).  ``record`` is the
+    run record as the tenant wrote it; ``position`` its place on the ring.
+    """
+
+    lease: int
+    position: int
+    record: bytes
+    code: str = ""
+    message: str = ""
+    detail: dict[str, Any] = {}
+    timings: Timings | None = None
+
+
+class WLeaseBroken(_W, tag="lease_broken", frozen=True):
+    """The session's ring broke its invariants: the lease is gone (the broker ends the session)."""
+
+    lease: int
+    reason: str
+
+
+WorkerEvent = Union[WReply, WReady, WPoisoned, WEscalate, WLeaseBroken]
 
 command_decoder = msgspec.msgpack.Decoder(WorkerCommand)
 event_decoder = msgspec.msgpack.Decoder(WorkerEvent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import array
 import ctypes
+import math
 import os
 import select
 import signal
@@ -25,12 +26,15 @@ from typing import Any
 from .. import errors
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from ..records import TRACE, decode_run, decode_values, encode_done, values_struct
-from ..ring import Consumer, Producer, RingCorrupt, RingGeometry, drain, map_segment, wake
+from ..ring import RECHECK_INTERVAL, Consumer, Producer, RingCorrupt, RingGeometry, drain, map_segment, wake
 from .backend import Backend, Completion
+from .direct import DirectRuns
 from .precompile import Precompiler
 from .wire import (
     WEvictResident,
     WInfo,
+    WLease,
+    WLeaseAdd,
     WLoadLibrary,
     WorkerCommand,
     WPinArena,
@@ -40,6 +44,7 @@ from .wire import (
     WReady,
     WRelease,
     WReply,
+    WRevoke,
     WRun,
     WShutdown,
     WUnloadLibrary,
@@ -51,6 +56,33 @@ EXIT_POISONED = 3
 _SELECT_EVERY = 50e-6  # while busy-polling, how often the socket is looked at
 _MAX_FDS = 16
 _PR_SET_PDEATHSIG = 1
+_FD_SETSIZE = 1024  # select() takes no fd at or above this: poll() then (its timeout is in ms)
+
+
+def _readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The fds of ``fds`` that are readable within ``timeout`` seconds (None: no limit).
+
+    ``select`` while every fd is below FD_SETSIZE (it waits to the microsecond), ``poll`` beyond:
+    a worker started by a broker holding thousands of fds may get fd numbers past 1024."""
+    if max(fds) < _FD_SETSIZE:
+        return select.select(fds, [], [], timeout)[0]
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else math.ceil(timeout * 1000)
+    return [fd for fd, _ in poller.poll(ms)]
+
+
+def _low_fd(fd: int) -> int:
+    """``fd`` moved to the lowest free number (inherited fds keep the broker's numbers)."""
+    if fd < 0:
+        return fd
+    low = os.dup(fd)
+    if low < fd:
+        os.close(fd)
+        return low
+    os.close(low)
+    return fd
 
 
 def _die_with_parent() -> None:
@@ -104,6 +136,20 @@ class Worker:
         self.running = True
         self.spin = spin  # seconds to busy-poll after the last command or completion
         self.compiles = Precompiler(backend.compile_arch)  # CUDA C compiled off this loop
+        self.direct = DirectRuns(backend, self.send, self._sync)  # sessions' runs taken under a lease
+        self.direct.on_gid_idle = self._release_deferred
+        self.deferred: dict[int, WRelease] = {}  # releases waiting for a graph's direct runs to end
+
+    def _release_deferred(self, gid: int) -> None:
+        cmd = self.deferred.pop(gid, None)
+        if cmd is not None:
+            self.handle(cmd)
+
+    def _sync(self) -> None:
+        """Handle whatever the broker has sent by now (without waiting for more)."""
+        for _ in range(16):
+            if not _readable([self.sock.fileno()], 0.0) or not self._recv():
+                return
 
     def send(self, msg: Any) -> None:
         self.sock.sendall(encode(msg))
@@ -189,7 +235,22 @@ class Worker:
                     getattr(g.kernels[k].args[a], "dtype", "f64") for k, a in cmd.literals))
                 self.send(WReply(cmd.seq))
                 return
+            if isinstance(cmd, WLease):
+                fds = [self._take_fd() for _ in range(4)]
+                self.direct.install(cmd, fds)
+                self.send(WReply(cmd.seq))
+                return
+            if isinstance(cmd, WLeaseAdd):
+                self.direct.add(cmd)
+                self.send(WReply(cmd.seq))
+                return
+            if isinstance(cmd, WRevoke):
+                self.direct.revoke(cmd)  # answers once the lease's runs have ended
+                return
             if isinstance(cmd, WRelease):
+                if self.direct.running(cmd.handle):  # a direct run of it is on the device: after it
+                    self.deferred[cmd.handle] = cmd
+                    return
                 self.refused.pop(cmd.handle, None)
                 self.vstructs.pop(cmd.handle, None)
                 self.backend.release(cmd.handle)
@@ -219,6 +280,12 @@ class Worker:
             self.send(WReply(cmd.seq, errors.InternalError.code, f"worker: {type(exc).__name__}: {exc}"))
 
     def _complete(self, done: list[Completion]) -> None:
+        direct = self.direct
+        if direct.leases or direct._by_token:
+            mine = [c for c in done if direct.owns(c.token)]
+            if mine:
+                direct.complete(mine)
+                done = [c for c in done if not direct.owns(c.token)]
         now = time.perf_counter()
         rings = self.rings
         posted = False
@@ -245,20 +312,25 @@ class Worker:
         clock = time.perf_counter
         last = clock()  # the last command or completion
         next_select = 0.0
+        direct = self.direct
         while self.running:
             now = clock()
             idle = now - last
             busy = backend.busy
-            if idle < (max(self.spin, 0.0002) if busy else self.spin):
-                # Busy-polling: the ring and the device on every pass, the socket (registration,
+            spin = max(self.spin, direct.spin()) if direct.leases else self.spin
+            if idle < (max(spin, 0.0002) if busy else spin):
+                # Busy-polling: the rings and the device on every pass, the socket (registration,
                 # prepares: a ring run waits for the one it follows) only every _SELECT_EVERY.
                 if rings is not None and rings.runs.ready():
                     if not self._ring_runs():
                         break
                     last = clock()
+                if direct.leases and direct.ready():
+                    direct.take()
+                    last = clock()
                 if now >= next_select:
                     next_select = now + _SELECT_EVERY
-                    if select.select([sfd], [], [], 0.0)[0]:
+                    if _readable([sfd], 0.0):
                         if not self._recv():
                             break
                         last = clock()
@@ -266,15 +338,26 @@ class Worker:
                 timeout = min(0.001, idle / 4) if busy else None  # long device work: back off, up to 1 ms
                 if self.compiles.pending:
                     timeout = 0.005 if timeout is None else min(timeout, 0.005)  # look in on the compiles
-                if rings is None:
-                    r, _, _ = select.select([sfd], [], [], timeout)
-                else:
+                fds = [sfd]
+                if rings is not None:
                     if not rings.runs.prepare_sleep():
                         timeout = 0.0  # a run arrived while announcing the sleep
-                    r, _, _ = select.select([sfd, rings.wake_fd], [], [], timeout)
+                    fds.append(rings.wake_fd)
+                if direct.leases:
+                    if not direct.prepare_sleep():
+                        timeout = 0.0
+                    fds += direct.wake_fds()
+                    timeout = RECHECK_INTERVAL if timeout is None else min(timeout, RECHECK_INTERVAL)
+                r = _readable(fds, timeout)
+                if rings is not None:
                     rings.runs.end_sleep()
                     if rings.wake_fd in r:
                         drain(rings.wake_fd)
+                if direct.leases:
+                    direct.end_sleep()
+                    for fd in r:
+                        if fd != sfd and (rings is None or fd != rings.wake_fd):
+                            drain(fd)
                 if sfd in r:
                     if not self._recv():
                         break
@@ -282,6 +365,9 @@ class Worker:
                 if rings is not None and rings.runs.ready():
                     if not self._ring_runs():
                         break
+                    last = clock()
+                if direct.leases and direct.ready():
+                    direct.take()
                     last = clock()
             if self.compiles.pending:
                 for cmd in self.compiles.finished():
@@ -314,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the broker decides when we stop
+    args.fd, args.ring_fd, args.wake_fd, args.notify_fd = (
+        _low_fd(fd) for fd in (args.fd, args.ring_fd, args.wake_fd, args.notify_fd))
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     backend = make_backend(args.device, tuple(m for m in args.host_modules.split(",") if m), args.compile_check)
