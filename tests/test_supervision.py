@@ -148,3 +148,37 @@ def test_a_respawn_loads_only_the_libraries_someone_holds(broker_factory: Broker
             a, c, d = (back.array(n) for _ in range(3))
             a[...], c[...] = 3.0, 4.0
             _vadd(back, again, a, c, d)
+
+
+def test_a_worker_started_with_fds_past_1024_keeps_working() -> None:
+    """Regression (the 10-minute H200 soak): a broker holding over a thousand fds (64 tenants' arenas)
+    passed its worker fds numbered past 1024, and every respawned worker died in select() on them."""
+    import asyncio
+    import resource
+
+    from broker.streams.wire import WInfo
+    from broker.workers import WorkerHandle
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"needs room for 1400 fds (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+    hogs = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what the worker gets comes after these
+
+    async def main() -> None:
+        w = WorkerHandle("cpu:0", host_modules=("tenantlib.kernels.host",), compile_check="")
+        await w.start()
+        try:
+            assert w._wake_broker > 1024  # the fds it inherits are numbered past select()'s limit
+            await asyncio.sleep(0.3)  # long enough to go idle: the wait that failed
+            reply = await asyncio.wait_for(w.call(WInfo(w.next_seq())), 10)
+            assert reply.info["kind"] == "cpu" and w.alive
+        finally:
+            await w.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
