@@ -100,6 +100,8 @@ async def run(engine: Engine, command: str, args: dict[str, Any]) -> Any:
             raise errors.InvalidArgument(f"no device {device!r} (devices: {', '.join(engine.workers)})")
         drained = engine._sched_of(device).drained
         (drained.add if command == "drain" else drained.discard)(device)
+        if command == "drain":
+            engine.revoke_where(device=device)  # a leased session's runs come back to the broker
         if command == "undrain":
             engine.pump()
         return {"device": device, "drained": device in drained}

@@ -17,12 +17,15 @@ Layout (little-endian u64 / f64 words)::
     4     graphs     runs finished on the direct path (successes)
     5     seconds    f64: device time they were charged
     6     escalated  runs handed to the broker (``WEscalate``)
+    7     posted     completions the worker has pushed on ring 2 (its own count: never read from ring 2,
+                     whose header the tenant can write)
     8+2i  mark       position + 1 of the last finished record in slot i (0: none)
     9+2i  posted     where its completion went on ring 2, or ESCALATED (the broker was told)
 
-A run is *finished* once its mark is written: for a success the mark is written before the
-completion is pushed, naming the ring-2 position it goes to, so after a death the broker can
-tell a completion the tenant has (position < ring 2's head) from one it must deliver itself.
+A success is marked before its completion is pushed, naming the ring-2 position it goes to, so
+that after a death the broker can tell a completion the tenant has (position < ``posted``) from
+one it must deliver itself.  ``finished`` passes a run only once its reply is safe: pushed, or
+handed to the broker (which has then read the ``WEscalate`` before it acts on the worker's death).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import os
 
 ESCALATED = (1 << 64) - 1
 _HEAD_WORDS = 8
-TAKEN, FINISHED, DEADLINE, OLDEST, GRAPHS, SECONDS, ESCALATIONS = range(7)
+TAKEN, FINISHED, DEADLINE, OLDEST, GRAPHS, SECONDS, ESCALATIONS, POSTED = range(8)
 
 
 def page_bytes(slots: int) -> int:

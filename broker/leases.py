@@ -42,7 +42,7 @@ import structlog
 from . import errors
 from .engine_base import EngineBase
 from .graph import Template
-from .lease_page import DEADLINE, ESCALATED, FINISHED, GRAPHS, OLDEST, SECONDS, TAKEN, LeasePage, create_page
+from .lease_page import DEADLINE, ESCALATED, FINISHED, GRAPHS, OLDEST, POSTED, SECONDS, TAKEN, LeasePage, create_page
 from .pool.residency import Admission
 from .protocol import Timings
 from .records import decode_run, run_limit
@@ -121,7 +121,8 @@ class Leases(EngineBase):
     def _maybe_lease(self, session: int, device: str) -> None:
         """A run of ``session`` succeeded on ``device``: grant a lease if the streak says so."""
         n = self.config.direct_after
-        if not n or self._streak < n or session in self.leases or self._stopping or "#" in device:
+        if (not n or self._streak < n or session != self._streak_session or session in self.leases
+                or self._stopping or "#" in device):
             return
         if time.monotonic() - self._streak_since < _QUIET:
             return
@@ -138,8 +139,8 @@ class Leases(EngineBase):
         w = self.workers.get(device)
         sched = self.scheduler
         if (rings is None or not rings.open or rings.broken or rings.paused or w is None or not w.alive
-                or device in sched.down or device in sched.drained):
-            return
+                or device in sched.down or device in sched.drained or sched.isolating):
+            return  # (while suspects are replayed alone, nothing may run beside them)
         tables = host.lease_tables()
         if tables is None:
             return
@@ -170,6 +171,7 @@ class Leases(EngineBase):
                       geom.slots, admission=adm, residents=frozenset(residents), device_bytes=device_bytes)
         run_tail = rings.pause()
         lease.page.q[TAKEN] = lease.page.q[FINISHED] = run_tail  # what a harvest reads if the worker never starts
+        lease.page.q[POSTED] = rings.done_head
         pol = st.policy
         cmd = WLease(w.next_seq(), lease.id, geom.slots, geom.slot_size, geom.rings, run_tail, rings.done_head,
                      self.devices.index(device), 0, LATENCY if pol.priority == "latency" else 0, inflight,
@@ -241,6 +243,12 @@ class Leases(EngineBase):
         lease.state = "revoking"
         w = lease.worker
         w.send_cb(WRevoke(w.next_seq(), lease.id), functools.partial(self._revoked, lease))
+
+    def revoke_where(self, *, device: str = "", tenant: str = "") -> None:
+        """End the leases on ``device`` (drained, or a suspect to run alone) or of ``tenant`` (quarantined)."""
+        for lease in list(self.leases.values()):
+            if (device and lease.device == device) or (tenant and lease.tenant == tenant):
+                self.revoke_lease(lease)
 
     async def end_lease(self, session: int) -> None:
         """End ``session``'s lease, if it has one, and wait until its runs are back with the broker."""
@@ -321,22 +329,38 @@ class Leases(EngineBase):
                 log.warning("escalation_dropped", lease=ev.lease, device=worker.device)
                 return
             lease.escalated.add(ev.position)
-            host = lease.host
-            if not ev.code and ev.timings is not None:
-                host.deliver_direct(ev.record, lease.device, ev.timings)
-            elif not ev.code:
-                host.run_escalated(ev.record, "")
-            elif ev.code == errors.WorkerLost.code and ev.detail.get("started") is False:
-                host.run_escalated(ev.record, "innocent")  # a sticky fault came before it reached the device
-            elif ((ev.code == errors.KernelFault.code and ev.detail.get("ambiguous"))
-                  or ev.code == errors.WorkerLost.code):
-                host.run_escalated(ev.record, "suspect")  # which graph it was is found alone, as on the broker's path
-            else:
-                host.fail_direct(ev.record, errors.from_wire(ev.code, ev.message, ev.detail))
+            # Acted on from the loop: this may run while the worker's death is being read (its last
+            # frames come before the harvest), and the broker's path must see the device down by then.
+            asyncio.get_running_loop().call_soon(self._escalated, lease, ev)
         elif isinstance(ev, WLeaseBroken):
             lease = self._leases_by_id.get(ev.lease)
             if lease is not None and lease.worker is worker:
                 lease.host.rings_broken(ev.reason)
+
+    def _escalated(self, lease: Lease, ev: WEscalate) -> None:
+        host = lease.host
+        if not ev.code and ev.timings is not None:
+            host.deliver_direct(ev.record, lease.device, ev.timings)
+        elif not ev.code:
+            host.run_escalated(ev.record, "")
+        elif ev.code == errors.WorkerLost.code and ev.detail.get("started") is False:
+            host.run_escalated(ev.record, "innocent")  # a sticky fault came before it reached the device
+        elif ((ev.code == errors.KernelFault.code and ev.detail.get("ambiguous"))
+              or ev.code == errors.WorkerLost.code):
+            host.run_escalated(ev.record, "suspect")  # which graph it was is found alone, as on the broker's path
+        else:
+            host.fail_direct(ev.record, errors.from_wire(ev.code, ev.message, ev.detail))
+
+    def direct_delivered(self, tenant: str, device: str, timings: Timings) -> None:
+        """A direct run the broker delivered (ring 2 was full, or its worker died before posting it):
+        charged like the rest."""
+        st = self.tenants.get(tenant)
+        if st is not None:
+            st.graphs += 1
+            st.device_seconds += timings.kernels
+        self.stats["graphs"] += 1
+        self.stats["direct_runs"] += 1
+        self.metrics.tenant(tenant).graphs_direct(device, 1, timings.kernels)
 
     def direct_failed(self, tenant: str, template: Template, err: errors.KaasError, device: str) -> errors.KaasError:
         """A direct run failed on the device: count it, strike its kernels, name the kernel."""
@@ -360,21 +384,26 @@ class Leases(EngineBase):
         host, rings, page = lease.host, lease.host.rings, lease.page
         taken, finished = int(page.q[TAKEN]), int(page.q[FINISHED])
         taken = max(finished, min(taken, finished + lease.slots))
-        head2 = rings.direct_published() if rings is not None else 0
+        # Completions the worker pushed: its own count (the page), plus the one it may have pushed
+        # just before dying (ring 2's head, which only the tenant could have made wrong).
+        head2 = int(page.q[POSTED])
+        if rings is not None and rings.direct_published() == head2 + 1:
+            head2 += 1
         replay: list[tuple[int, bytes]] = []
         deliver: list[bytes] = []
         for pos in range(finished, taken):
+            if pos in lease.escalated:
+                continue  # the broker has it (read before this: the worker's last frames come first)
             posted = page.finished(pos)
-            if posted is not None and (posted != ESCALATED or pos in lease.escalated) and (
-                    posted == ESCALATED or posted < head2):
-                continue  # finished, and the tenant has it (or the broker took it over)
+            if posted is not None and posted != ESCALATED and posted < head2:
+                continue  # the tenant has its completion
             rec = rings.record_at(pos) if rings is not None else None
             if rec is None:
                 continue
             if posted is not None and posted != ESCALATED:
-                deliver.append(rec)  # marked done, its completion never posted
+                deliver.append(rec)  # it succeeded; its completion never reached ring 2
             else:
-                replay.append((pos, rec))
+                replay.append((pos, rec))  # taken and unfinished (or handed over in a frame that was lost)
         poisoned, culprit = lease.worker.poisoned, lease.culprit
         self._lease_over(lease, taken, head2)
         for rec in deliver:

@@ -346,6 +346,11 @@ class Scheduler:
     def submit(self, job: Job, now: float) -> None:
         self.policy.push(job, now)
 
+    @property
+    def isolating(self) -> bool:
+        """Whether suspects are waiting to run alone, or one is running alone now."""
+        return bool(self._isolated or self.exclusive)
+
     def requeue(self, job: Job, *, isolate: bool = False) -> None:
         """Queue ``job`` again after a failed attempt: ahead of everything, alone on a device if ``isolate``."""
         job.device = job.started = None

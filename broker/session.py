@@ -98,6 +98,7 @@ class Session:
         self._graphs_idle = asyncio.Event()
         self._graphs_idle.set()
         self.rings: SessionRings | None = None
+        self._releasing = 0  # releases waiting for the session's lease to end (none is granted meanwhile)
         self._device_index: dict[str, tuple[int, int]] = {}
         self.closed = False
         self.recv_stamp = 0.0  # when the bytes being handled were read (for traced requests)
@@ -192,7 +193,7 @@ class Session:
     def lease_tables(self) -> tuple[str, tuple[tuple[int, ArenaRecord], ...],
                                     tuple[tuple[int, PreparedRecord], ...]] | None:
         """What a worker needs to take this session's runs: None if some graph must stay with the broker."""
-        if self.tenant is None or self.closed or self.tenant.name in self.engine.dedicated:
+        if self.tenant is None or self.closed or self._releasing or self.tenant.name in self.engine.dedicated:
             return None
         try:
             for rec in self.prepared.values():
@@ -221,6 +222,8 @@ class Session:
         """A direct run succeeded but its completion did not reach ring 2: the broker posts it."""
         got = self._direct_req(rec)
         if got is not None:
+            if self.tenant is not None:
+                self.engine.direct_delivered(self.tenant.name, device, timings)
             self._graphs.add(got[0])
             self._graphs_idle.clear()
             self._ring_done(got[0], GraphResult(device, timings))
@@ -246,8 +249,12 @@ class Session:
             return
 
         async def later() -> None:
-            await self.engine.end_lease(self.id)
-            self._answering(req, fn)
+            self._releasing += 1  # no new lease until it is done
+            try:
+                await self.engine.end_lease(self.id)
+                self._answering(req, fn)
+            finally:
+                self._releasing -= 1
 
         self._spawn(req, later())
 
@@ -471,8 +478,12 @@ class Session:
         self._finish(req, ArenaRegistered(req, local))
 
     async def _release_arena(self, req: int, local: int, rec: ArenaRecord) -> None:
-        await self.engine.end_lease(self.id)  # the worker lets go of the session's runs first
-        await self.engine.release_arena(rec)
+        self._releasing += 1  # no new lease until it is done
+        try:
+            await self.engine.end_lease(self.id)  # the worker lets go of the session's runs first
+            await self.engine.release_arena(rec)
+        finally:
+            self._releasing -= 1
         self.arenas.pop(local, None)
         self._set_arena_ref(local, None)
         self._finish(req, Done(req))

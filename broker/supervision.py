@@ -234,6 +234,7 @@ class Supervision(EngineBase):
             n = self.strikes[key] = self.strikes.get(key, 0) + 1
             if n >= self.config.quarantine_after and key not in self.quarantined:
                 self.quarantined[key] = time.time()
+                self.revoke_where(tenant=tenant)  # its runs go through the broker's quarantine check again
                 log.warning("kernel_quarantined", tenant=tenant, library=lib[:16], kernel=name, faults=n)
 
     def check_quarantine(self, tenant: str, template: Template) -> None:

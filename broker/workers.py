@@ -276,6 +276,9 @@ class WorkerHandle:
             self._lost("worker closed its channel")
             return
         self.poll(1 << 30)  # completions first: a fault's replies follow what finished before it
+        self._events(data)
+
+    def _events(self, data: bytes) -> None:
         for body in self._decoder.feed(data):
             ev = event_decoder.decode(body)
             if isinstance(ev, WReply):
@@ -299,6 +302,7 @@ class WorkerHandle:
         # What the worker published before it died is a result: take it before failing the rest.
         self.poll(1 << 30)
         self.alive = False
+        self._drain()
         code = None
         if self.proc is not None:
             # Never wait on the event loop: a process leaving a CUDA context takes 100+ ms to die.
@@ -323,6 +327,25 @@ class WorkerHandle:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
             self._ready.exception()  # a start() cancelled at shutdown no longer waits for it
+
+    def _drain(self) -> None:
+        """Read what the worker wrote before it went (a killed worker's last frames are still in the
+        socket): replies are results, and the direct path's hand-overs must reach the broker."""
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(256):
+            try:
+                data = sock.recv(1 << 20)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            try:
+                self._events(data)
+            except Exception as exc:  # a torn last frame of a dying worker: what came before counts
+                log.warning("worker_last_frames_unreadable", device=self.device, error=repr(exc))
+                return
 
     def _close_rings(self) -> None:
         if self.hub is not None:

@@ -36,6 +36,7 @@ from ..lease_page import (
     FINISHED,
     GRAPHS,
     OLDEST,
+    POSTED,
     SECONDS,
     TAKEN,
     LeasePage,
@@ -80,6 +81,7 @@ class _Lease:
         self.done.start_at(cmd.done_head)
         self.page = LeasePage(self.page_mm, cmd.slots)
         self.page.q[TAKEN] = self.page.q[FINISHED] = cmd.run_tail
+        self.page.q[POSTED] = cmd.done_head
         self.finished = cmd.run_tail
         self.device, self.flags, self.priority = cmd.device, cmd.flags, cmd.priority
         self.max_inflight = max(1, cmd.max_inflight)
@@ -108,9 +110,9 @@ class _Lease:
     def taking(self) -> bool:
         return not self.broken and not self.revoke_seq and len(self.inflight) < self.max_inflight
 
-    def finish(self, position: int, posted: int) -> None:
-        """Mark ``position`` finished; free the ring's slots up to the first unfinished record."""
-        self.page.mark(position, posted)
+    def finish(self, position: int) -> None:
+        """``position``'s reply is safe (marked, and pushed or handed over): free the ring's slots up to
+        the first unfinished record."""
         if position != self.finished:
             self.out_of_order.add(position)
             return
@@ -177,6 +179,11 @@ class DirectRuns:
         if lease is not None:
             lease.add(cmd.arenas, cmd.handles, cmd.drop)
 
+    @property
+    def busy(self) -> bool:
+        """Whether any direct run is on the device."""
+        return bool(self._gids)
+
     def running(self, gid: int) -> bool:
         """Whether a direct run of prepared graph ``gid`` is on the device (its release must wait)."""
         return self._gids.get(gid, 0) > 0
@@ -213,7 +220,7 @@ class DirectRuns:
                 continue
             try:
                 records = lease.runs.pop_many(min(_TAKE, lease.max_inflight - len(lease.inflight)), publish=False)
-            except RingCorrupt as exc:
+            except (RingCorrupt, ValueError) as exc:
                 self._broken(lease, str(exc))
                 continue
             first = lease.runs.tail - len(records)
@@ -304,23 +311,24 @@ class DirectRuns:
                 err = c.error or errors.InternalError("a run ended without timings")
                 self._escalate(lease, position, rec, err.code, err.message, err.detail)
             else:
-                lease.finish(position, lease.done.head)
+                page = lease.page
+                page.mark(position, lease.done.head)  # a death from here on: the broker delivers it
                 times = (t.queued, t.copy_in, t.kernels, t.copy_out, t.total)
                 pushed = False
-                try:
-                    pushed = lease.done.push(encode_done(req, times, (*stamps, now) if stamps else (),
-                                                         device=lease.device, flags=lease.flags))
-                except RingCorrupt as exc:
-                    self._broken(lease, str(exc))
+                if not lease.broken:
+                    try:
+                        pushed = lease.done.push(encode_done(req, times, (*stamps, now) if stamps else (),
+                                                             device=lease.device, flags=lease.flags))
+                    except (RingCorrupt, ValueError, OverflowError) as exc:
+                        self._broken(lease, str(exc))
                 if pushed:
-                    page = lease.page
+                    page.q[POSTED] = lease.done.head
                     page.q[GRAPHS] += 1
                     page.d[SECONDS] += t.kernels
                     lease.posted = True
-                else:  # the tenant is not reading its completions: the broker delivers this one
-                    self.send(WEscalate(lease.id, position, rec, timings=t))
-                    lease.page.mark(position, ESCALATED)
-                    lease.page.q[ESCALATIONS] += 1
+                    lease.finish(position)
+                else:  # the tenant is not reading its completions: the broker delivers (and charges) it
+                    self._escalate(lease, position, rec, timings=t)
             if deadline:
                 lease.note_oldest()
             if not touched or touched[-1] is not lease:
@@ -331,17 +339,19 @@ class DirectRuns:
                 try:
                     if lease.done.consumer_sleeping():
                         wake(lease.notify_fd)
-                except RingCorrupt as exc:
+                except (RingCorrupt, ValueError) as exc:
                     self._broken(lease, str(exc))
             if lease.revoke_seq and not lease.inflight and lease.id in self.leases:
                 self._end(lease)
 
     def _escalate(self, lease: _Lease, position: int, rec: bytes, code: str = "", message: str = "",
-                  detail: dict[str, Any] | None = None) -> None:
-        # Sent before it is marked: a worker dying in between leaves the broker both (it dedups).
-        self.send(WEscalate(lease.id, position, rec, code, message, detail or {}))
-        lease.finish(position, ESCALATED)
+                  detail: dict[str, Any] | None = None, timings: Any = None) -> None:
+        # Sent before it is marked: a worker dying in between leaves the broker the frame, which it
+        # reads before it looks at the page (it skips what it was handed).
+        self.send(WEscalate(lease.id, position, rec, code, message, detail or {}, timings))
+        lease.page.mark(position, ESCALATED)
         lease.page.q[ESCALATIONS] += 1
+        lease.finish(position)
 
     def _broken(self, lease: _Lease, reason: str) -> None:
         if not lease.broken:
@@ -365,7 +375,7 @@ class DirectRuns:
             try:
                 if not lease.runs.prepare_sleep():
                     ok = False
-            except RingCorrupt as exc:
+            except (RingCorrupt, ValueError) as exc:
                 self._broken(lease, str(exc))
         return ok
 

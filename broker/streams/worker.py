@@ -139,11 +139,16 @@ class Worker:
         self.direct = DirectRuns(backend, self.send, self._sync)  # sessions' runs taken under a lease
         self.direct.on_gid_idle = self._release_deferred
         self.deferred: dict[int, WRelease] = {}  # releases waiting for a graph's direct runs to end
+        self.unloads: list[WUnloadLibrary] = []  # library unloads waiting for the direct runs on the device
 
     def _release_deferred(self, gid: int) -> None:
         cmd = self.deferred.pop(gid, None)
         if cmd is not None:
             self.handle(cmd)
+        if self.unloads and not self.direct.busy:
+            unloads, self.unloads = self.unloads, []
+            for u in unloads:
+                self.handle(u)
 
     def _sync(self) -> None:
         """Handle whatever the broker has sent by now (without waiting for more)."""
@@ -210,6 +215,10 @@ class Worker:
         A ``load`` of CUDA C is compiled in a thread first (``Precompiler``) and handled once that
         is done (``compiled``): the broker waits for its reply before anything uses the library.
         """
+        if isinstance(cmd, WLoadLibrary) and self.unloads:  # loaded again before a deferred unload ran
+            for u in [u for u in self.unloads if u.library == cmd.library]:
+                self.unloads.remove(u)
+                self.send(WReply(u.seq))
         if isinstance(cmd, WLoadLibrary) and not compiled and self.compiles.wants(cmd):
             self.compiles.start(cmd)
             return
@@ -255,6 +264,9 @@ class Worker:
                 self.vstructs.pop(cmd.handle, None)
                 self.backend.release(cmd.handle)
                 self.send(WReply(cmd.seq))
+                return
+            if isinstance(cmd, WUnloadLibrary) and self.direct.busy:  # a direct run may use it: after them
+                self.unloads.append(cmd)
                 return
             info: dict[str, Any] = {}
             if isinstance(cmd, WLoadLibrary):
