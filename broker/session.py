@@ -207,7 +207,8 @@ class Session:
 
     def run_escalated(self, rec: bytes, replay: str) -> None:
         """A run the worker handed back (or took and could not finish): the broker's path runs it."""
-        self._ring_record(rec, replay)
+        if not self.closed:  # (a closed session's runs have no one to answer)
+            self._ring_record(rec, replay)
 
     def _direct_req(self, rec: bytes) -> tuple[int, int] | None:
         try:
