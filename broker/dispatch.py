@@ -119,10 +119,7 @@ class Dispatch(EngineBase):
         self._pending[job.id] = p
         self._idle.clear()
         st.waiting += 1
-        if self.leases or session != self._streak_session:
-            self._note_run(session, now)
-        else:
-            self._streak += 1
+        self._note_run(session, now)
         if replay:
             p.attempts = 1
             p.isolated = replay == "suspect"

@@ -181,7 +181,7 @@ class Leases(EngineBase):
         self.leases[host.id] = lease
         self._leases_by_id[lease.id] = lease
         try:
-            w.send_cb(cmd, functools.partial(self._granted, lease), [*rings.lease_fds(), page_fd])
+            w.send_cb(cmd, functools.partial(self._granted, lease), [*rings.handover(), page_fd])
         finally:
             os.close(page_fd)
         self.stats["leases"] += 1
@@ -362,7 +362,7 @@ class Leases(EngineBase):
         self.stats["direct_runs"] += 1
         self.metrics.tenant(tenant).graphs_direct(device, 1, timings.kernels)
 
-    def direct_failed(self, tenant: str, template: Template, err: errors.KaasError, device: str) -> errors.KaasError:
+    def direct_failed(self, tenant: str, template: Template, err: errors.KaasError) -> errors.KaasError:
         """A direct run failed on the device: count it, strike its kernels, name the kernel."""
         self.stats["graph_errors"] += 1
         kernel = err.detail.get("kernel")

@@ -237,7 +237,7 @@ class Session:
         req, handle = got
         prepared = self.prepared.get(handle)
         if prepared is not None and self.tenant is not None:
-            err = self.engine.direct_failed(self.tenant.name, prepared.template, err, "")
+            err = self.engine.direct_failed(self.tenant.name, prepared.template, err)
         self._finish_error(req, err)
 
     def rings_broken(self, reason: str) -> None:

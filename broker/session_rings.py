@@ -105,11 +105,7 @@ class SessionRings:
         hub.members.add(self)
 
     def handover(self) -> list[int]:
-        """The fds the tenant gets (the caller sends them; the segment's fd is kept for leases)."""
-        return [self.fd, self.wake_broker, self.wake_tenant]
-
-    def lease_fds(self) -> list[int]:
-        """What a device worker needs to read ring 0 and post on ring 2 (duplicated as it is sent)."""
+        """The fds the tenant gets, and a leased worker too (the segment's fd is kept for leases)."""
         return [self.fd, self.wake_broker, self.wake_tenant]
 
     def pause(self) -> int:

@@ -293,7 +293,7 @@ class Worker:
 
     def _complete(self, done: list[Completion]) -> None:
         direct = self.direct
-        if direct.leases or direct._by_token:
+        if direct.leases or direct.busy:
             mine = [c for c in done if direct.owns(c.token)]
             if mine:
                 direct.complete(mine)
