@@ -57,12 +57,15 @@ def _tenant(sock: str, uid: int, workload: str, size: int, inflight: int, until:
         conn.close()
 
 
+PRELOAD = ("tenantlib", "tenantlib.aio", "tenantlib.kernels", "tenantlib.kernels.host", "tools.workloads",
+           "secrets", "posix_ipc", "msgspec", "select", "mmap", "encodings.idna")
+
+
 def _preload() -> None:
     """Import what tenants use before forking: after setuid a child may not read the interpreter's files."""
     import importlib
 
-    for name in ("tenantlib", "tenantlib.aio", "tenantlib.kernels", "tenantlib.kernels.host", "tools.workloads",
-                 "secrets", "posix_ipc", "msgspec", "select", "mmap", "encodings.idna"):
+    for name in PRELOAD:
         importlib.import_module(name)
 
 

@@ -3,8 +3,8 @@
     python -m bench.profile_hotpath [--device cuda] [--tenants 1] [--iterations 5000] [--top 25]
 
 Starts a broker with ``KAAS_PROFILE`` set (``broker/profiling.py``), runs null graphs from
-the given number of tenant processes, stops it, and prints each process's functions by own
-time, per request.  Profiling inflates every call, so read proportions, not microseconds.
+the given number of tenant processes (each profiled too), stops it, and prints each process's
+functions by own time, per request.  Profiling inflates every call, so read proportions, not microseconds.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import tempfile
 from tools.broker_process import BrokerProcess
 
 _TENANT = """
-import sys, tenantlib
+import cProfile, os, sys, tenantlib
 from tenantlib import kernels
 with tenantlib.connect(sys.argv[1]) as c:
     g = c.graph()
     g.kernel(kernels.library(c), "null", grid=1, block=1, args=[])
-    for _ in range(int(sys.argv[2])):
-        c.run(g)
+    c.run(g)
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [c.run(g) for _ in range(int(sys.argv[2]))])
+    prof.dump_stats(os.path.join(sys.argv[3], f"tenant-{os.getpid()}.prof"))
 """
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out = tempfile.mkdtemp(prefix="kaas-profile-")
     env = dict(os.environ, KAAS_PROFILE=out)
     with BrokerProcess(args.device, env=env) as b:
-        procs = [subprocess.Popen([sys.executable, "-c", _TENANT, b.socket, str(args.iterations)])
+        procs = [subprocess.Popen([sys.executable, "-c", _TENANT, b.socket, str(args.iterations), out])
                  for _ in range(args.tenants)]
         if any(pr.wait() for pr in procs):
             print("profile_hotpath: a tenant failed", file=sys.stderr)

@@ -97,6 +97,37 @@ def profiles(tenants: int, device: str, inflight: int, share_group: bool) -> lis
     return out
 
 
+_ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _tenant_context() -> Any:
+    """Where tenant processes come from: a fork server whose numpy runs one BLAS thread.
+
+    Each tenant checks its results with numpy; with a BLAS thread per core in each of 68 tenants
+    the checks crowded the broker off the H200's 16 cores (153 graphs/s against 2,226 with one
+    thread, bench/RESULTS.md).  The variables must be set before numpy loads, which in this
+    process it has, so the tenants fork from a server started with them (the broker is not: a CPU
+    device's kernels use its BLAS)."""
+    from multiprocessing import forkserver
+
+    from bench.fairness import PRELOAD
+
+    ctx = mp.get_context("forkserver")
+    saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+    os.environ.update(dict.fromkeys(_ONE_THREAD, "1"))
+    try:
+        # Everything a tenant imports, before it takes its own uid (then it may not read these files).
+        ctx.set_forkserver_preload(["numpy", "bench.soak", *PRELOAD])
+        forkserver.ensure_running()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ctx
+
+
 def _become(uid: int | None) -> None:
     if uid is not None:
         os.setgroups([])
@@ -394,11 +425,11 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
                    "tenant_max_libraries = 16\ntenant_max_residents = 64\nmax_libraries = 32\n" + rules)
     from bench.fairness import _preload
 
-    _preload()
+    _preload()  # the culprits and this process's own checks
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     events: list[tuple[float, str]] = []
     stats: list[tuple[float, dict[str, int]]] = []
-    ctx = mp.get_context("fork")
+    ctx = _tenant_context()
     with BrokerProcess(device, config=str(cfg), env=env, log=broker_log) as b:
         os.chmod(os.path.dirname(b.socket), 0o755)
         assert b.proc is not None

@@ -98,10 +98,16 @@ class Config:
     spin_us: int = -1                     # the broker's event loop
     worker_spin_us: int = -1              # each device worker
     client_spin_us: int = -1              # recommended to tenants in the handshake
+    spinning_tenants: int = -1            # with more sessions than this, tenants are advised not to spin
+                                          # (-1: a quarter of the cores; 0: tenants never advised to spin)
     # The direct path: after this many runs in a row from one session with nobody else's in between,
     # its runs go from its ring straight to the device worker (broker/leases.py); 0: never.
     direct_after: int = 32
     tenants: tuple[TenantRule, ...] = field(default=())
+
+    def spinning_sessions(self) -> int:
+        """How many sessions may be advised to spin, auto resolved (a quarter of the cores, at least 1)."""
+        return self.spinning_tenants if self.spinning_tenants >= 0 else max(1, (os.cpu_count() or 1) // 4)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -163,6 +169,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if key.endswith("spin_us"):
         if isinstance(value, int) and value < -1:
             raise ConfigError(f"config: {key} = {value} must be -1 (auto), 0 (off) or a number of microseconds")
+    elif key == "spinning_tenants":
+        if value < -1:
+            raise ConfigError(f"config: spinning_tenants = {value} must be -1 (auto: a quarter of the cores), "
+                              "0 (tenants never advised to spin) or a number of sessions")
     elif key == "metrics_port":
         if not 0 <= value <= 65535:
             raise ConfigError(f"config: metrics_port = {value} is not a TCP port (0 turns metrics off)")

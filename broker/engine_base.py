@@ -48,6 +48,7 @@ class EngineBase:
     reload_hook: Callable[[], Awaitable[str]] | None
     spin: float
     client_spin: float
+    spin_hint: int                       # tenants' busy-poll (us) the ring headers advise now
     fd_budget: int
     tenant_arena_limit: int
     _pending: dict[int, _Pending]

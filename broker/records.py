@@ -128,10 +128,11 @@ def decode_values(rec: bytes, at: int, nvalues: int, vstruct: struct.Struct) -> 
 def encode_done(ident: int, timings: Sequence[float], trace: Sequence[float] = (), *, device: int = 0,
                 flags: int = 0, failed: bool = False) -> bytes:
     """A completion record: ``timings`` are the five stage times (see ``protocol.Timings``)."""
+    if not trace:
+        return DONE_HEAD.pack(FAILED if failed else DONE, 0, device, flags, ident, *timings)
     buf = bytearray(DONE_HEAD.size + 8 * len(trace))
     DONE_HEAD.pack_into(buf, 0, FAILED if failed else DONE, len(trace), device, flags, ident, *timings)
-    if trace:
-        _trace_struct(len(trace)).pack_into(buf, DONE_HEAD.size, *trace)
+    _trace_struct(len(trace)).pack_into(buf, DONE_HEAD.size, *trace)
     return bytes(buf)
 
 

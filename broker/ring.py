@@ -20,6 +20,8 @@ Header, each field group on its own 64-byte cache line::
     8       4     version    creator     1             } NEVER read back from shared memory,
     12      4     slots      creator     slot count    } each side is told it over a trusted
     16      4     slot_size  creator     bytes a slot  } channel
+    32      4     spin_hint  creator     the busy-poll (us) the creator advises this ring's consumer now:
+                                         a hint, read by the consumer before it waits (0: do not spin)
     64      8     head       producer    records published (a count, never wrapped)
     128     8     tail       consumer    records consumed
     192     4     sleeping   consumer    1 while the consumer is asleep or about to be
@@ -87,6 +89,7 @@ _LEN_BYTES = 4
 _HEAD_Q = 64 // 8
 _TAIL_Q = 128 // 8
 _SLEEPING_I = 192 // 4
+_SPIN_HINT_I = 32 // 4
 _INFO = struct.Struct("<8sIII")
 
 # Sanity limits on a geometry, so a bad configuration fails loudly instead of allocating wildly.
@@ -309,6 +312,10 @@ class Producer(_End):
         """Free slots now (at least this many pushes will succeed)."""
         return self._slots - (self._head - self._read_tail())
 
+    def set_spin_hint(self, us: int) -> None:
+        """Advise the consumer to busy-poll ``us`` microseconds before it sleeps (the creator's side)."""
+        self._u[_SPIN_HINT_I] = max(0, min(int(us), 0xFFFFFFFF))
+
     def consumer_sleeping(self) -> bool:
         """Whether the consumer is asleep (or about to be): if so, write its eventfd.
 
@@ -436,6 +443,11 @@ class Consumer(_End):
 
     def end_sleep(self) -> None:
         self._u[_SLEEPING_I] = 0
+
+    def spin_hint(self) -> int:
+        """Microseconds of busy-polling the ring's creator advises now (a hint: bound it yourself)."""
+        hint: int = self._u[_SPIN_HINT_I]
+        return hint
 
 
 def published(mm: mmap.mmap, geom: RingGeometry, index: int) -> int:

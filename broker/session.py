@@ -167,6 +167,8 @@ class Session:
             raise
         self.rings = rings
         self.engine.lease_hosts[self.id] = self
+        rings.completions.set_spin_hint(self.engine.spin_hint)
+        self.engine.advise_spin()
 
     def _ring_record(self, rec: bytes, replay: str = "") -> None:
         """One run record from the tenant's ring: the same checks and reply as a RunPrepared frame.
@@ -573,7 +575,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.engine.lease_hosts.pop(self.id, None)
+        if self.engine.lease_hosts.pop(self.id, None) is not None:
+            self.engine.advise_spin()
         if self.id in self.engine.leases:
             try:  # its runs on the device finish before its arenas go
                 await asyncio.shield(self.engine.end_lease(self.id))

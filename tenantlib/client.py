@@ -50,6 +50,7 @@ from .kernel_specs import AccessArg, KernelsArg
 from .rings import ClientRings
 
 _RING = b"\0ring"  # what _recv returns when completions wait on the ring (never socket bytes)
+_SOCKET_EVERY = 25e-6  # while spinning on the rings, how often the socket is looked at
 
 
 class PendingRun:
@@ -112,6 +113,8 @@ class Client(ClientCore):
         env = os.environ.get("KAAS_SPIN_US")
         us = spin_us if spin_us is not None else int(env) if env else welcome.spin_us
         self.spin = max(0, us) / 1e6  # seconds to busy-poll for a reply before sleeping
+        # Unless the caller chose the spin, the broker's advice in the ring header can shorten it.
+        self._spin_chosen = spin_us is not None or bool(env)
         self._rings: ClientRings | None = None
         self._want_rings = False
         self._lost: errors.KaasError | None = None  # the broker went away; the next call reconnects
@@ -177,20 +180,25 @@ class Client(ClientCore):
         sock = self._sock
         rings = self._rings
         clock = time.perf_counter
-        spin_end = clock() + (self.spin if spin else 0.0)
-        n = 0
+        spin_s = self.spin if spin else 0.0
+        if rings is not None and spin_s and not self._spin_chosen:
+            spin_s = min(spin_s, rings.spin_hint())
+        spin_end = clock() + spin_s
+        every = _SOCKET_EVERY if rings is not None else 0.0
+        next_sock = 0.0
         while True:
             # While spinning the ring is looked at on every pass, the socket (errors, replies to
-            # registrations) on every 8th: a recv that finds nothing costs a system call.
+            # registrations) every _SOCKET_EVERY: a recv that finds nothing costs a system call.
             if rings is not None and rings.ready():
                 return _RING
-            if not n & 7:
+            now = clock()
+            if now >= next_sock:
                 try:
                     return sock.recv(1 << 20)
                 except BlockingIOError:
                     pass
-            n += 1
-            if clock() < spin_end:
+                next_sock = now + every
+            if now < spin_end:
                 continue
             if rings is not None and not rings.prepare_sleep():
                 return _RING
@@ -205,7 +213,7 @@ class Client(ClientCore):
             finally:
                 if rings is not None:
                     rings.end_sleep()
-            n = 0
+            next_sock = 0.0
 
     def _wait(self, req: int, limit: float | None) -> BrokerMessage:
         reply = self._take(req, None if limit is None else time.monotonic() + limit)

@@ -50,6 +50,11 @@ class ClientRings:
             wake(self.wake_broker)
         return True
 
+    def spin_hint(self) -> float:
+        """Seconds of busy-polling the broker advises now (it says 0 when tenants outnumber the
+        cores it keeps for spinners)."""
+        return self.completions.spin_hint() / 1e6
+
     def pending(self) -> int:
         n = self.completions.pending()
         return n + self.direct.pending() if self.direct is not None else n
@@ -59,8 +64,8 @@ class ClientRings:
 
     def take(self) -> list[GraphDone]:
         """Completions published so far, as the GraphDone frames they stand for."""
-        records = self.completions.pop_many(1024)
-        if self.direct is not None:
+        records = self.completions.pop_many(1024) if self.completions.ready() else []
+        if self.direct is not None and self.direct.ready():
             records += self.direct.pop_many(1024)
         out = []
         for rec in records:

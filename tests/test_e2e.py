@@ -298,6 +298,25 @@ def test_spinning_broker_worker_and_client_still_serve_correctly(broker_factory:
         assert quiet.spin == 0
 
 
+def test_tenants_are_advised_not_to_spin_once_sessions_pass_the_spinning_limit(broker_factory: BrokerFactory) -> None:
+    from tests.conftest import wait_for
+
+    b = broker_factory("client_spin_us = 150\nspinning_tenants = 1\n")
+    with tenantlib.connect(b.socket) as first:
+        assert first._rings is not None
+        hint = first._rings.spin_hint
+        assert hint() == pytest.approx(150e-6)  # alone: the configured spin
+        with tenantlib.connect(b.socket) as second:
+            assert second._rings is not None
+            assert second._rings.spin_hint() == 0
+            wait_for(hint, lambda h: h == 0, "the first session's advice to drop to 0")
+            lib = kernels.library(second)
+            g = second.graph()
+            g.kernel(lib, "null", grid=1, block=1, args=[])
+            second.run(g)  # without spinning, runs are still answered
+        wait_for(hint, lambda h: h == pytest.approx(150e-6), "the advice to come back once the second left")
+
+
 def test_resubmitted_graph_is_revalidated_after_its_arena_goes(broker: BrokerProcess) -> None:
     import os
 

@@ -172,6 +172,18 @@ def test_geometry_names_the_bad_value(kwargs: dict[str, int], words: list[str]) 
         assert word in str(info.value)
 
 
+def test_spin_hint_is_a_header_word_apart_from_the_data(small: Ring) -> None:
+    assert small.c.spin_hint() == 0  # a new ring advises nothing
+    small.p.set_spin_hint(200)
+    assert small.c.spin_hint() == 200
+    assert small.p.push(b"after the hint") and small.c.pop() == b"after the hint"
+    assert small.c.spin_hint() == 200  # records do not touch it, and it does not touch them
+    small.p.set_spin_hint(-5)
+    assert small.c.spin_hint() == 0
+    small.poke32(32, 0xFFFFFFFF)  # the consumer's peer may write anything: it is only a hint
+    assert small.c.spin_hint() == 0xFFFFFFFF
+
+
 def test_geometry_types_and_offsets() -> None:
     with pytest.raises(TypeError, match="slots"):
         RingGeometry(slots=4.0, slot_size=64)  # type: ignore[arg-type]

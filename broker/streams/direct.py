@@ -126,6 +126,13 @@ class _Lease:
         if not self.broken:
             self.runs.publish_tail(f)
 
+    def note_start(self, position: int, deadline: float) -> None:
+        """A run with a deadline started: the page's deadline moves only if it is the earliest."""
+        current = self.page.d[DEADLINE]
+        if not current or deadline < current:
+            self.page.q[OLDEST] = position
+            self.page.d[DEADLINE] = deadline
+
     def note_oldest(self) -> None:
         """Keep the page's deadline at the oldest run's (the broker's sweep reads it)."""
         best, where = 0.0, 0
@@ -162,6 +169,7 @@ class DirectRuns:
         self._by_token: dict[int, _Lease] = {}
         self._tokens = itertools.count(DIRECT_TOKEN)
         self._taking: _Lease | None = None  # the lease whose records are being started
+        self.spin_s = 0.0  # seconds to busy-poll after activity: the most any lease asks (0: none held)
         self._gids: dict[int, int] = {}      # prepared graph -> its direct runs on the device
         self._gid_of: dict[int, int] = {}    # token -> prepared graph
         self.on_gid_idle: Callable[[int], None] = lambda gid: None  # a deferred release may go now
@@ -173,6 +181,7 @@ class DirectRuns:
                 os.close(fd)
             raise errors.InternalError(f"lease {cmd.lease} is held already")
         self.leases[cmd.lease] = _Lease(cmd, fds)
+        self._spin_changed()
 
     def add(self, cmd: WLeaseAdd) -> None:
         lease = self.leases.get(cmd.lease)
@@ -200,6 +209,7 @@ class DirectRuns:
 
     def _end(self, lease: _Lease) -> None:
         del self.leases[lease.id]
+        self._spin_changed()
         info = {"taken": lease.runs.tail, "done_head": lease.done.head}
         seq = lease.revoke_seq
         lease.close()
@@ -208,7 +218,7 @@ class DirectRuns:
     # -- the hot path ---------------------------------------------------------------------
     def ready(self) -> bool:
         for lease in self.leases.values():
-            if lease.taking and lease.runs.ready():
+            if lease.runs.ready() and lease.taking:  # the ring's head word first: the cheaper test
                 return True
         return False
 
@@ -282,15 +292,13 @@ class DirectRuns:
             self._escalate(lease, position, rec)  # the broker's way gives the error its full text
             return
         trace = [stamp, time.perf_counter()] if flags & TRACE else None
-        lease.inflight[token] = (position, req, time.monotonic() + limit if limit > 0 else 0.0, rec, trace)
+        deadline = time.monotonic() + limit if limit > 0 else 0.0
+        lease.inflight[token] = (position, req, deadline, rec, trace)
         self._by_token[token] = lease
         self._gids[gid] = self._gids.get(gid, 0) + 1
         self._gid_of[token] = gid
-        if limit > 0:
-            lease.note_oldest()
-
-    def owns(self, token: int) -> bool:
-        return token >= DIRECT_TOKEN
+        if deadline:
+            lease.note_start(position, deadline)
 
     def complete(self, done: list[Completion]) -> None:
         """Finish direct runs: post each completion to its tenant (or hand the run to the broker)."""
@@ -329,8 +337,8 @@ class DirectRuns:
                     lease.finish(position)
                 else:  # the tenant is not reading its completions: the broker delivers (and charges) it
                     self._escalate(lease, position, rec, timings=t)
-            if deadline:
-                lease.note_oldest()
+            if deadline and position == lease.page.q[OLDEST]:
+                lease.note_oldest()  # the run the page's deadline was for
             if not touched or touched[-1] is not lease:
                 touched.append(lease)
         for lease in touched:
@@ -359,9 +367,8 @@ class DirectRuns:
             self.send(WLeaseBroken(lease.id, reason))
 
     # -- sleeping ---------------------------------------------------------------------------
-    def spin(self) -> float:
-        """Seconds to busy-poll after activity while leases are held (the most any lease asks)."""
-        return max((lease.spin for lease in self.leases.values()), default=0.0)
+    def _spin_changed(self) -> None:
+        self.spin_s = max((lease.spin for lease in self.leases.values()), default=0.0)
 
     def wake_fds(self) -> list[int]:
         return [lease.wake_fd for lease in self.leases.values() if lease.taking]
@@ -388,3 +395,4 @@ class DirectRuns:
         for lease in self.leases.values():
             lease.close()
         self.leases.clear()
+        self.spin_s = 0.0

@@ -28,7 +28,7 @@ from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from ..records import TRACE, decode_run, decode_values, encode_done, values_struct
 from ..ring import RECHECK_INTERVAL, Consumer, Producer, RingCorrupt, RingGeometry, drain, map_segment, wake
 from .backend import Backend, Completion
-from .direct import DirectRuns
+from .direct import DIRECT_TOKEN, DirectRuns
 from .precompile import Precompiler
 from .wire import (
     WEvictResident,
@@ -294,10 +294,12 @@ class Worker:
     def _complete(self, done: list[Completion]) -> None:
         direct = self.direct
         if direct.leases or direct.busy:
-            mine = [c for c in done if direct.owns(c.token)]
+            mine = [c for c in done if c.token >= DIRECT_TOKEN]
             if mine:
                 direct.complete(mine)
-                done = [c for c in done if not direct.owns(c.token)]
+                if len(mine) == len(done):
+                    return
+                done = [c for c in done if c.token < DIRECT_TOKEN]
         now = time.perf_counter()
         rings = self.rings
         posted = False
@@ -329,8 +331,8 @@ class Worker:
             now = clock()
             idle = now - last
             busy = backend.busy
-            spin = max(self.spin, direct.spin()) if direct.leases else self.spin
-            if idle < (max(spin, 0.0002) if busy else spin):
+            spin = direct.spin_s if direct.spin_s > self.spin else self.spin
+            if idle < (spin if not busy or spin > 0.0002 else 0.0002):
                 # Busy-polling: the rings and the device on every pass, the socket (registration,
                 # prepares: a ring run waits for the one it follows) only every _SELECT_EVERY.
                 if rings is not None and rings.runs.ready():
