@@ -357,6 +357,21 @@ def _proc_stats(pid: int) -> dict[str, int]:
     return out
 
 
+def _fd_kinds(pid: int) -> dict[str, int]:
+    """The broker's open fds by what they are (socket, eventfd, a memfd by name, a path): where a
+    growing count comes from."""
+    kinds: dict[str, int] = {}
+    where = f"/proc/{pid}/fd"
+    for fd in os.listdir(where):
+        try:
+            target = os.readlink(os.path.join(where, fd))
+        except OSError:  # closed meanwhile
+            continue
+        kind = target.split(":[", 1)[0] if ":[" in target else target.removesuffix(" (deleted)")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 class _Admin:
     """The soak's own session: the worker's pid, and the admin views (memory, tenants) when allowed."""
 
@@ -452,6 +467,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
         next_fault = t0 + warmup + rnd.expovariate(1 / chaos_every)
         next_sample = t0
         shares_from: dict[str, dict[str, Any]] | None = None
+        fds_from: dict[str, int] = {}
         culprits: list[Any] = []
         n = 0
         while time.monotonic() < until:
@@ -461,6 +477,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
                 next_sample = now + 1.0
             if shares_from is None and now >= t0 + warmup:
                 shares_from = admin.tenants()
+                fds_from = _fd_kinds(bpid)
             if now >= next_fault and now < until - FAULT_WINDOW:
                 fault = faults[n % len(faults)] if n < len(faults) else rnd.choice(faults)
                 n += 1
@@ -482,6 +499,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
             time.sleep(0.05)
         stats.append((time.monotonic() - t0, {**_proc_stats(bpid), **_memory_sample(admin.memory())}))
         load_end = len(stats) - 1  # the last sample under load
+        fds_to = _fd_kinds(bpid)
         results = [p.recv() for p in pipes]
         for pr in procs + culprits:
             pr.join(60)
@@ -497,6 +515,7 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     shm_left = sorted((set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()) - shm_before)
     doc = _report(results, events, stats, t0, warmup, shm_left, seconds, device, seed, load_end)
     doc["broker_stats"] = broker_stats  # worker restarts, failed respawns, replays, deadline kills, ...
+    doc["fd_kinds"] = {"after_warmup": fds_from, "end": fds_to}
     if broker_log:
         doc["recovery"] = recovery(broker_log)
     if admin_allowed and idle_memory is None:
@@ -721,6 +740,12 @@ def show(doc: dict[str, Any]) -> str:
                          f"{v['late_floor']} to {v['late_peak']} in the second")
         else:
             lines.append(f"broker {k}: {v['after_warmup']} after warm-up, {v['end']} at the end of the load")
+    fk = doc.get("fd_kinds") or {}
+    a, e = fk.get("after_warmup") or {}, fk.get("end") or {}
+    moved = sorted((k for k in set(a) | set(e) if a.get(k, 0) != e.get(k, 0)), key=lambda k: -abs(e.get(k, 0) - a.get(k, 0)))
+    if moved:
+        lines.append("broker fds that changed, after warm-up -> end: " + ", ".join(
+            f"{k} {a.get(k, 0)} -> {e.get(k, 0)}" for k in moved[:8]))
     mem = doc.get("memory", {})
     if mem.get("checked"):
         for m in mem["devices"]:
