@@ -158,17 +158,21 @@ class Session:
         if self._send_fds is None:
             raise errors.InvalidArgument("this connection cannot carry file descriptors")
         rings = SessionRings(asyncio.get_running_loop(), self.engine.hub, self._ring_record, self._ring_corrupt)
+        # Counted, and its spin advice written, before the tenant can read the header.
+        self.rings = rings
+        self.engine.lease_hosts[self.id] = self
+        self.engine.advise_spin()
+        rings.completions.set_spin_hint(self.engine.spin_hint)
         try:
             self.inflight.discard(req)
             self._send_fds(encode(RingsOpened(req, rings.geom.slots, rings.geom.slot_size, rings.geom.rings)),
                            rings.handover())
         except BaseException:
+            self.rings = None
+            self.engine.lease_hosts.pop(self.id, None)
+            self.engine.advise_spin()
             rings.close()
             raise
-        self.rings = rings
-        self.engine.lease_hosts[self.id] = self
-        rings.completions.set_spin_hint(self.engine.spin_hint)
-        self.engine.advise_spin()
 
     def _ring_record(self, rec: bytes, replay: str = "") -> None:
         """One run record from the tenant's ring: the same checks and reply as a RunPrepared frame.

@@ -30,6 +30,21 @@ from .workers import WorkerHandle
 log = structlog.get_logger("kaas.engine")
 
 
+def reply_verdict(verdict: str, reply: WReply | None) -> str:
+    """A failed graph's verdict, given what its worker answered: a sticky fault reported on every
+    graph in flight makes each a suspect (run alone to find which); a graph the worker never started
+    (its device was lost, or it was poisoned already when the run came) is innocent."""
+    if reply is None:
+        return verdict
+    if reply.code == errors.KernelFault.code and reply.detail.get("ambiguous"):
+        return "suspect"
+    if reply.code == errors.WorkerLost.code and reply.detail.get("started") is False:
+        return "innocent"
+    if reply.code == errors.DeviceError.code and reply.detail.get("poisoned"):
+        return "innocent"  # refused by a context an earlier fault had poisoned: it never ran
+    return verdict
+
+
 def _kernel_names(p: _Pending) -> str:
     names = sorted({k for _, k in p.prepared.template.kernel_keys})
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
@@ -200,12 +215,7 @@ class Supervision(EngineBase):
 
     def _replay(self, p: _Pending, reply: WReply | None, now: float) -> bool:
         """Queue an innocent (or suspect) graph again after a fault that was not its own."""
-        verdict = p.verdict
-        if reply is not None:
-            if reply.code == errors.KernelFault.code and reply.detail.get("ambiguous"):
-                verdict = "suspect"  # a sticky fault shows on every graph in flight: find which alone
-            elif reply.code == errors.WorkerLost.code and reply.detail.get("started") is False:
-                verdict = "innocent"
+        verdict = reply_verdict(p.verdict, reply)
         if verdict not in ("innocent", "suspect") or p.attempts >= self.config.replay_attempts:
             return False
         p.attempts += 1

@@ -182,3 +182,22 @@ def test_a_worker_started_with_fds_past_1024_keeps_working() -> None:
         for fd in hogs:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_run_refused_by_a_poisoned_worker_is_innocent_and_replayed() -> None:
+    """The H200 soak: a sticky fault poisons the context; runs that reach the worker before it exits are
+    refused with DeviceError(poisoned) and were failed to their (innocent) tenants instead of replayed."""
+    from broker import errors as E
+    from broker.streams.wire import WReply
+    from broker.supervision import reply_verdict
+
+    poisoned = WReply(1, E.DeviceError.code, "device worker hit a fatal CUDA error", {"poisoned": True})
+    assert reply_verdict("", poisoned) == "innocent"
+    assert reply_verdict("culprit", poisoned) == "innocent"  # it never ran, whatever was thought of it
+    never_started = WReply(2, E.WorkerLost.code, "graph not started", {"started": False})
+    assert reply_verdict("", never_started) == "innocent"
+    ambiguous = WReply(3, E.KernelFault.code, "illegal address", {"ambiguous": True})
+    assert reply_verdict("", ambiguous) == "suspect"
+    out_of_memory = WReply(4, E.DeviceError.code, "the CPU device ran out of memory for this graph", {})
+    assert reply_verdict("", out_of_memory) == ""  # a device error of its own: the tenant is told
+    assert reply_verdict("innocent", None) == "innocent"
