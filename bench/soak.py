@@ -438,9 +438,6 @@ def run(device: str = "cpu", tenants: int = 64, seconds: float = 60.0, chaos_eve
     cfg = cfg_dir / "broker.toml"
     cfg.write_text('socket_mode = 438\nhost_modules = ["tenantlib.kernels.host", "tenantlib.kernels.testing"]\n'
                    "tenant_max_libraries = 16\ntenant_max_residents = 64\nmax_libraries = 32\n" + rules)
-    from bench.fairness import _preload
-
-    _preload()  # the culprits and this process's own checks
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     events: list[tuple[float, str]] = []
     stats: list[tuple[float, dict[str, int]]] = []
