@@ -105,6 +105,10 @@ def run(device: str, weights: list[float], seconds: float, *, warmup: float = 2.
         results = [p.recv() for p in pipes]
         for pr in procs:
             pr.join(60)
+        import tenantlib
+
+        with tenantlib.connect(b.socket) as c:  # which path the runs took (broker/leases.py)
+            stats = c.status()["stats"]
     cfg.unlink()
     cfg_dir.rmdir()
     errors = [r["error"] for r in results if "error" in r]
@@ -122,7 +126,8 @@ def run(device: str, weights: list[float], seconds: float, *, warmup: float = 2.
                         "p99_ms": float(np.percentile(rtts, 99) * 1e3) if rtts else None})
     timeline = [[(t - t0, d) for t, d, _ in r["samples"]] for r in results]
     return {"bench": "fairness", "device": device, "policy": policy, "seconds": seconds, "warmup": warmup,
-            "workload": f"{workload}:{size}", "tenants": tenants, "timeline": timeline}
+            "workload": f"{workload}:{size}", "tenants": tenants, "timeline": timeline,
+            "leases": stats.get("leases", 0), "direct_runs": stats.get("direct_runs", 0), "graphs": stats.get("graphs", 0)}
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -185,4 +190,5 @@ def main(args: argparse.Namespace) -> int:
         for t in res["tenants"]:
             print(f"{t['tenant']:<12} {t['weight']:>6g} {t['target_share']:>7.3f} {t['share']:>7.3f} "
                   f"{t['graphs']:>7} {t['p50_ms'] or 0:>8.2f} {t['p99_ms'] or 0:>8.2f}")
+        print(f"direct path: {res['direct_runs']} of {res['graphs']} graphs, {res['leases']} leases granted")
     return 0

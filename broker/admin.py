@@ -34,7 +34,15 @@ def tenants(engine: Engine) -> list[dict[str, Any]]:
         rows[name] = {"tenant": name, "sessions": 0, "weight": None, "priority": None, "graphs": tm.graphs,
                       "errors": sum(tm.errors.values()), "device_seconds": sum(tm.device_seconds.values()),
                       "waiting": 0, "running": 0, "parked": 0, "memory_used": 0, "device_quota": None,
-                      "total_quota": None, "residents": 0, "resident_bytes": 0, "arenas": 0}
+                      "total_quota": None, "residents": 0, "resident_bytes": 0, "arenas": 0, "leased": 0,
+                      "lease_bytes": 0}
+    leased: dict[str, int] = {}  # sessions on the direct path now (broker/leases.py)
+    lease_bytes: dict[str, int] = {}  # the temps their leases hold (in memory_used)
+    for lease in engine.leases.values():
+        if lease.state in ("granting", "active"):
+            leased[lease.tenant] = leased.get(lease.tenant, 0) + 1
+        if lease.admission is not None:
+            lease_bytes[lease.tenant] = lease_bytes.get(lease.tenant, 0) + lease.admission.temp_bytes
     for st in engine.tenants.values():
         pol = st.policy
         row = rows.setdefault(st.name, {"tenant": st.name, "graphs": st.graphs, "errors": 0,
@@ -45,6 +53,7 @@ def tenants(engine: Engine) -> list[dict[str, Any]]:
             "memory_used": engine.pool.used(tenant=st.name), "device_quota": pol.device_memory or None,
             "total_quota": pol.total_memory or None, "residents": len(st.residents),
             "resident_bytes": sum(r.nbytes for r in st.residents.values()), "arenas": st.arenas,
+            "leased": leased.get(st.name, 0), "lease_bytes": lease_bytes.get(st.name, 0),
         })
     total = sum(r["device_seconds"] for r in rows.values()) or 1.0
     for r in rows.values():

@@ -103,6 +103,9 @@ class Config:
     # The direct path: after this many runs in a row from one session with nobody else's in between,
     # its runs go from its ring straight to the device worker (broker/leases.py); 0: never.
     direct_after: int = 32
+    # Many sessions leased at once, ordered on each device worker by weighted fair share of device time
+    # (broker/streams/direct.py); false: one lease at a time, and another session's run ends it.
+    shared_leases: bool = True
     tenants: tuple[TenantRule, ...] = field(default=())
 
     def spinning_sessions(self) -> int:

@@ -434,10 +434,8 @@ class Dispatch(EngineBase):
         tpl = p.prepared.template
         self.metrics.tenant(job.tenant).graph_done(device, now - p.submitted, t.kernels, tpl.input_bytes,
                                                    tpl.output_bytes)
-        if device != self._streak_device:  # a tenant spread over several devices keeps them all
-            self._streak_device, self._streak = device, 0
-        elif self._streak >= self.config.direct_after > 0:
-            self._maybe_lease(job.session, device)
+        if self.config.direct_after:
+            self._run_succeeded(job.session, device)
         self._pump()
         self._kick(now)
 

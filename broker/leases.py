@@ -1,19 +1,23 @@
 """The direct path, broker side: leases that take the broker off a busy session's hot path.
 
 A run through the broker crosses four ring hops (tenant -> broker -> worker -> broker -> tenant)
-and twenty-odd Python functions in between.  When one session has the devices to itself (its
-last ``config.direct_after`` runs came with nobody else's in between, and none for 50 ms), it gets a
-*lease*: a device worker reads the session's run ring itself and posts completions on the
-session's ring 2 (``broker/streams/direct.py``), two hops in all.  The broker keeps every
+and twenty-odd Python functions in between.  A session whose last ``config.direct_after`` runs
+on one device succeeded, over at least 50 ms, gets a *lease*: a device worker reads the session's
+run ring itself and posts completions on the session's ring 2 (``broker/streams/direct.py``), two
+hops in all.  Many sessions hold leases at once (``config.shared_leases``).  The broker keeps every
 decision that is not a fast accept:
 
 - **Tables.** The lease carries the session's arenas and prepared graphs (global ids, what a
   binding is checked against); what the session registers while leased is added before the
   tenant hears of it; anything it releases ends the lease first.
 - **Memory.** The graphs' residents and temps are admitted once for the lease (held until it ends).
-- **Policy.** Another session's run ends every lease (``_note_run``): under contention the
-  broker's scheduler orders the device again, so fair shares, priorities and quotas hold.
-  A lease takes at most the tenant's ``max_inflight`` runs at once.
+- **Policy.** Each worker orders its leases by weighted fair share of device time, by tenant,
+  with the latency class first within a lag, as the broker's scheduler does; it puts at most the
+  device's lane count of direct runs on it, so what waits is ordered there, and a lease takes at
+  most the tenant's ``max_inflight`` runs at once.  A session the broker cannot lease (no rings,
+  no memory for its graphs now) that stays busy on the broker's path ends every lease, and none
+  is granted while it runs: the broker's scheduler orders everyone again (``_note_run``).
+  Without shared leases, any other session's run ends a lease.
 - **Anything but a success** comes back as a ``WEscalate`` and goes down the broker's path:
   a record that did not check out is run (or refused, with the broker's error text), a fault is
   replayed as a suspect or told to the tenant, a completion that found ring 2 full is delivered.
@@ -57,6 +61,21 @@ log = structlog.get_logger("kaas.leases")
 _SWEEP_EVERY = 0.1     # lease pages are read this often (deadlines, totals)
 _QUIET = 0.05          # seconds without another session's run before a lease (a tenant that paused is not gone)
 _DEADLINE_GRACE = 0.5  # as for graphs on the broker's path
+_STUCK = 0.25          # a session busy this long on the broker's path, refused a lease, ends the others' leases
+
+
+@dataclass(eq=False)
+class _Streak:
+    """One session's runs on the broker's path since it was last leased."""
+
+    since: float             # the first of them
+    runs: int = 0
+    busy_since: float = 0.0  # the first after its last pause of more than _QUIET
+    last: float = 0.0
+    device: str = ""         # the device its last success ran on,
+    on_device: int = 0       # and how many in a row ran there
+    refused: bool = False    # the broker could not lease it (no rings, no memory for it now, ...)
+    leased: bool = False     # its lease just ended (the device's events, a release): back at its next success
 
 
 class LeaseHost(Protocol):
@@ -109,45 +128,85 @@ class Leases(EngineBase):
 
     # -- when ---------------------------------------------------------------------------------
     def _note_run(self, session: int, now: float) -> None:
-        """A run came down the broker's path: count the streak, and end other sessions' leases."""
-        if session == self._streak_session:
-            self._streak += 1
+        """A run came down the broker's path: count the session's streak.  Without shared leases,
+        another session's run ends every lease; with them, only a session that stays on the broker's
+        path does (one that could not be leased: its runs and the leased ones are ordered by the
+        broker's scheduler again, so fair shares hold)."""
+        if session in self.leases:
+            return  # a leased session's escalated or replayed run
+        s = self._streaks.get(session)
+        if s is None:
+            s = self._streaks[session] = _Streak(now)
+        s.runs += 1
+        if now - s.last > _QUIET:
+            s.busy_since = now  # it paused: a session that runs now and then is never stuck
+        s.last = now
+        if not self.config.shared_leases:
+            if session != self._last_runner:
+                self._last_runner, self._mixed_at = session, now
+                for lease in list(self.leases.values()):
+                    self.revoke_lease(lease)
             return
-        self._streak_session, self._streak, self._streak_since = session, 0, now
-        for lease in list(self.leases.values()):
-            if lease.host.id != session:
-                self.revoke_lease(lease)
+        if s.refused and now - s.busy_since > _STUCK:
+            self._stuck_until = now + _QUIET  # no leases for others while it runs on the broker's path
+            if self.leases:
+                log.info("leases_revoked", session=session, reason="a busy session is not leased")
+                for lease in list(self.leases.values()):
+                    self.revoke_lease(lease)
 
-    def _maybe_lease(self, session: int, device: str) -> None:
-        """A run of ``session`` succeeded on ``device``: grant a lease if the streak says so."""
+    def _run_succeeded(self, session: int, device: str) -> None:
+        """A run of ``session`` succeeded on ``device`` on the broker's path: grant a lease if its streak says so."""
+        s = self._streaks.get(session)
+        if s is None:
+            return
+        if device != s.device:  # a session spread over several devices keeps them all
+            s.device, s.on_device = device, 0
+            return
+        s.on_device += 1
         n = self.config.direct_after
-        if (not n or self._streak < n or session != self._streak_session or session in self.leases
-                or self._stopping or "#" in device):
+        if not n or session in self.leases or self._stopping or "#" in device:
             return
-        if time.monotonic() - self._streak_since < _QUIET:
+        now = time.monotonic()
+        if s.leased:
+            pass  # it was busy on the direct path a moment ago: no new streak to wait for
+        elif s.on_device < n or s.runs < n or now - s.since < _QUIET:
             return
-        for p in self._pending.values():  # nobody else's graph is queued or running (one may wait
-            if p.job.session != session:   # behind this session's: it submitted nothing meanwhile)
-                return
-        host = self.lease_hosts.get(session)
-        if host is not None:
-            self._grant(host, device)
+        if self.config.shared_leases:
+            if now < self._stuck_until and not s.refused:
+                return  # a session the broker could not lease is busy: nobody else gets one meanwhile
+        else:
+            if now - self._mixed_at < _QUIET:
+                return  # another session ran lately
+            for p in self._pending.values():  # nobody else's graph is queued or running (one may wait
+                if p.job.session != session:   # behind this session's: it submitted nothing meanwhile)
+                    return
+        host = self.lease_hosts.get(session)  # (none: a session without rings)
+        if host is None or self._grant(host, device) == "refused":
+            s.refused = True  # (one with no rings, or whose memory does not fit now; it tries again)
+
+    def session_gone(self, session: int) -> None:
+        """``session`` closed: forget its streak."""
+        self._streaks.pop(session, None)
 
     # -- grant --------------------------------------------------------------------------------
-    def _grant(self, host: LeaseHost, device: str) -> None:
+    def _grant(self, host: LeaseHost, device: str) -> str:
+        """Lease ``host``'s rings on ``device``: "granted", "later" (the device cannot take one now),
+        or "refused" (the session cannot be leased: no rings, or no memory for its graphs now)."""
         rings = host.rings
         w = self.workers.get(device)
         sched = self.scheduler
-        if (rings is None or not rings.open or rings.broken or rings.paused or w is None or not w.alive
-                or device in sched.down or device in sched.drained or sched.isolating):
-            return  # (while suspects are replayed alone, nothing may run beside them)
+        if rings is None or not rings.open or rings.broken:
+            return "refused"
+        if (rings.paused or w is None or not w.alive or device in sched.down or device in sched.drained
+                or sched.isolating):
+            return "later"  # (while suspects are replayed alone, nothing may run beside them)
         tables = host.lease_tables()
         if tables is None:
-            return
+            return "later"  # (a release is under way)
         tenant, arenas, prepared = tables
         st = self.tenants.get(tenant)
         if st is None:
-            return
+            return "later"
         residents: dict[int, ResidentRecord] = {}
         device_bytes = 0
         for _, pr in prepared:
@@ -160,7 +219,7 @@ class Leases(EngineBase):
             adm = self.pool.plan_admit(device, tenant, {g: r.nbytes for g, r in residents.items()},
                                        device_bytes * inflight, now)
             if adm is None:
-                return  # no room now: the broker's path waits for it run by run
+                return "refused"  # no room now: the broker's path waits for it run by run
             self.pool.commit(adm, now)
             self._place(adm, device, tuple(residents.values()))
         for _, pr in prepared:
@@ -177,7 +236,8 @@ class Leases(EngineBase):
                      self.devices.index(device), 0, LATENCY if pol.priority == "latency" else 0, inflight,
                      pol.max_graph_seconds, self.config.max_graph_seconds,
                      tuple((local, a.gid, a.size) for local, a in arenas), tuple(_handle(h, pr) for h, pr in prepared),
-                     spin_us=round(max(self.spin, self.config.spin("worker_spin_us", self.devices)) * 1e6))
+                     spin_us=round(max(self.spin, self.config.spin("worker_spin_us", self.devices)) * 1e6),
+                     flow=tenant, weight=pol.weight, device_inflight=sched.lanes[device])
         self.leases[host.id] = lease
         self._leases_by_id[lease.id] = lease
         try:
@@ -189,6 +249,7 @@ class Leases(EngineBase):
         if not self._lease_sweeping:
             self._lease_sweeping = True
             asyncio.get_running_loop().call_later(_SWEEP_EVERY, self._lease_sweep)
+        return "granted"
 
     def _prepare_on(self, w: WorkerHandle, pr: PreparedRecord) -> None:
         if pr.gid not in w.prepared:
@@ -269,6 +330,14 @@ class Leases(EngineBase):
         """The worker is done with ``lease``: the books, the memory, and the ring back to the broker."""
         lease.state = "ended"
         self._fold(lease)
+        # Back on the broker's path: a new streak.  A lease that ended with the session still open
+        # (its worker died, its device was drained, a suspect ran alone, it released something) is
+        # granted again at the session's next success, so that sessions leased before are not
+        # leased again one by one, the least weighted last, while the rest hold the device.
+        sid = lease.host.id
+        self._streaks.pop(sid, None)
+        if self.config.shared_leases and sid in self.lease_hosts:
+            self._streaks[sid] = _Streak(time.monotonic(), device=lease.device, leased=True)
         if self.leases.get(lease.host.id) is lease:
             del self.leases[lease.host.id]
         self._leases_by_id.pop(lease.id, None)
@@ -435,5 +504,5 @@ def _ignore(_: object) -> None:
 def new_lease_state() -> dict[str, Any]:
     """The attributes ``Engine.__init__`` sets for this part."""
     return {"leases": {}, "_leases_by_id": {}, "lease_hosts": {}, "_lease_ids": itertools.count(1),
-            "_streak_session": 0, "_streak": 0, "_streak_device": "", "_streak_since": 0.0,
+            "_streaks": {}, "_last_runner": 0, "_mixed_at": 0.0, "_stuck_until": 0.0,
             "_lease_sweeping": False}

@@ -579,6 +579,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.engine.session_gone(self.id)
         if self.engine.lease_hosts.pop(self.id, None) is not None:
             self.engine.advise_spin()
         if self.id in self.engine.leases:

@@ -251,10 +251,10 @@ def test_kaas_mode_on_the_cpu_device(broker_env: dict[str, str], tmp_path: Path,
         assert 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"], r
         assert r["checks"] >= 2 and r["check_failures"] == 0, r
         assert r["starved_tenants"] == 0
-        # One tenant alone may take the direct path (broker/leases.py): its hops skip the broker.
+        # Busy tenants may take the direct path (broker/leases.py): their hops skip the broker.
         hops = set(r["hops_p50_us"])
-        assert hops >= {"tenant -> broker", "broker -> tenant"} or (
-            r["tenants"] == 1 and hops >= {"tenant -> worker", "worker -> tenant"}), r["hops_p50_us"]
+        assert hops >= {"tenant -> broker", "broker -> tenant"} or hops >= {"tenant -> worker", "worker -> tenant"}, \
+            r["hops_p50_us"]
     assert all("skipped" in r for r in results if r["mode"] != "kaas")
     assert {t["target"] for t in doc["targets"]} == {"kaas throughput flat (within 10% of its best) over N"}
 

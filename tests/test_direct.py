@@ -95,20 +95,69 @@ def test_the_lease_takes_new_graphs_and_arenas_and_literals_that_change(broker_f
         assert s["leases"] == 1, s
 
 
-def test_another_session_ends_the_lease_and_both_keep_correct_results(broker_factory: BrokerFactory) -> None:
-    b = broker_factory(CONFIG)
+def leased_sessions(c: tenantlib.Client) -> int:
+    """The sessions of ``c``'s tenant on the direct path now (``kaasctl tenants``' direct column)."""
+    return int(tenant_row(c, c)["leased"])
+
+
+def alternate(a: tenantlib.Client, ga: tenantlib.Graph, za: np.ndarray, b: tenantlib.Client,
+              gb: tenantlib.Graph, zb: np.ndarray, runs: int) -> None:
+    """``runs`` runs of each session in turn, each result checked (a is 1 + 2, b is 10 + 20)."""
+    for _ in range(runs):
+        za[...] = np.nan
+        zb[...] = np.nan
+        a.run(ga)
+        b.run(gb)
+        np.testing.assert_array_equal(za, np.full(N, 3.0, dtype=np.float32))
+        np.testing.assert_array_equal(zb, np.full(N, 30.0, dtype=np.float32))
+
+
+def test_sessions_busy_at_once_each_get_a_lease_and_keep_correct_results(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG)  # shared leases: the default
     with tenantlib.connect(b.socket) as a, tenantlib.connect(b.socket) as other:
         ga, xa, ya, za = vadd(a)
         gb, xb, yb, zb = vadd(other)
         xa[...], ya[...], xb[...], yb[...] = 1.0, 2.0, 10.0, 20.0
         leased(a, ga)
-        for _ in range(60):  # alternating: each of the other's runs ends any lease of a
-            za[...] = np.nan
-            zb[...] = np.nan
-            a.run(ga)
-            other.run(gb)
-            np.testing.assert_array_equal(za, np.full(N, 3.0, dtype=np.float32))
-            np.testing.assert_array_equal(zb, np.full(N, 30.0, dtype=np.float32))
+
+        def both() -> int:
+            alternate(a, ga, za, other, gb, zb, 5)
+            return leased_sessions(a)  # (one tenant, two sessions)
+
+        wait_for(both, lambda n: n == 2, "a lease for each session")
+        before = stats(a)["direct_runs"]
+        alternate(a, ga, za, other, gb, zb, 100)  # every run straight to the worker, from both rings
+        s = wait_for(lambda: stats(a), lambda s: s["direct_runs"] >= before + 200, "both sessions' direct runs")
+        assert s["leases"] == 2 and leased_sessions(a) == 2, s
+
+
+def test_a_busy_session_that_cannot_be_leased_ends_the_leases(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG)
+    with tenantlib.connect(b.socket) as a, tenantlib.connect(b.socket, rings=False) as frames:
+        ga, xa, ya, za = vadd(a)
+        gb, xb, yb, zb = vadd(frames)  # runs as frames: never on the direct path
+        xa[...], ya[...], xb[...], yb[...] = 1.0, 2.0, 10.0, 20.0
+        leased(a, ga)
+
+        def mixed() -> int:
+            alternate(a, ga, za, frames, gb, zb, 5)
+            return leased_sessions(a)
+
+        # The broker's scheduler orders both again (fair shares hold against a session it must run).
+        wait_for(mixed, lambda n: n == 0, "the lease ended by the busy frames session")
+        alternate(a, ga, za, frames, gb, zb, 20)
+        assert leased_sessions(a) == 0
+        wait_for(lambda: (a.run(ga), leased_sessions(a))[1], lambda n: n == 1, "a lease again once it went quiet")
+
+
+def test_without_shared_leases_another_sessions_run_ends_the_lease(broker_factory: BrokerFactory) -> None:
+    b = broker_factory(CONFIG + "shared_leases = false\n")
+    with tenantlib.connect(b.socket) as a, tenantlib.connect(b.socket) as other:
+        ga, xa, ya, za = vadd(a)
+        gb, xb, yb, zb = vadd(other)
+        xa[...], ya[...], xb[...], yb[...] = 1.0, 2.0, 10.0, 20.0
+        leased(a, ga)
+        alternate(a, ga, za, other, gb, zb, 60)  # each of the other's runs ends any lease of a
         s = stats(a)
         assert s["leases"] == 1, s  # contention keeps both on the broker's path
         leases = lambda: (a.run(ga), stats(a)["leases"])[1]  # noqa: E731
@@ -186,6 +235,30 @@ def test_a_worker_killed_mid_lease_loses_no_run_and_runs_none_twice(broker_facto
         assert stats(c)["replays"] > 0, "no kill found a run on the direct path"
         # Exactly once: the broker counted each run one time, however it finished.
         wait_for(lambda: tenant_row(c, c)["graphs"], lambda n: n == runs, "every run counted once", 10)
+
+
+def test_a_session_whose_worker_died_is_leased_again_at_its_next_success(broker_factory: BrokerFactory) -> None:
+    # Its lease ended for the device's reasons, not its own: it does not wait out a new streak of
+    # direct_after runs (the least weighted tenant would come back last, with the device to itself).
+    b = broker_factory("direct_after = 40\n")
+    with tenantlib.connect(b.socket) as c:
+        g, x, y, z = vadd(c)
+        x[...], y[...] = 1.0, 2.0
+        leased(c, g)
+        (worker,) = children(broker_pid(b))
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: children(broker_pid(b)), lambda s: len(s) == 1 and worker not in s, "a new worker")
+        leases = lambda: (c.run(g), stats(c)["leases"])[1]  # noqa: E731
+        runs = 0
+
+        def run_and_count() -> int:
+            nonlocal runs
+            runs += 1
+            return leases()
+
+        wait_for(run_and_count, lambda n: n == 2, "the lease again")
+        assert runs < 40, runs
+        np.testing.assert_array_equal(z, np.full(N, 3.0, dtype=np.float32))
 
 
 def test_a_hanging_kernel_on_the_direct_path_is_killed_at_its_deadline(broker_factory: BrokerFactory) -> None:

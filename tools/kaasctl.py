@@ -65,10 +65,10 @@ def show_status(st: dict[str, Any]) -> str:
 def show_tenants(ts: list[dict[str, Any]]) -> str:
     """Every tenant since the broker started; one with no session left shows its totals and '-'."""
     rows = [[t["tenant"], f"{t['weight']:g}" if t["weight"] is not None else "-", t["priority"] or "-",
-             str(t["sessions"]), str(t["graphs"]), str(t.get("errors", 0)), f"{t['share'] * 100:.1f}%",
+             str(t["sessions"]), str(t.get("leased", 0)), str(t["graphs"]), str(t.get("errors", 0)), f"{t['share'] * 100:.1f}%",
              f"{t['device_seconds']:.3f}", str(t["waiting"]), str(t["parked"]),
              f"{_bytes(t['memory_used'])} / {_bytes(t['device_quota'])}", str(t["residents"])] for t in ts]
-    return _table(rows, ["tenant", "weight", "class", "sessions", "graphs", "errors", "share", "device s",
+    return _table(rows, ["tenant", "weight", "class", "sessions", "direct", "graphs", "errors", "share", "device s",
                          "waiting", "held back", "memory / quota", "residents"])
 
 

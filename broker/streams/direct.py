@@ -21,6 +21,7 @@ slots for the broker to replay; a run that finished is marked before its complet
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import os
 import time
@@ -49,6 +50,23 @@ from .wire import LeaseHandle, WEscalate, WLease, WLeaseAdd, WLeaseBroken, WRepl
 
 DIRECT_TOKEN = 1 << 48  # tokens of direct runs; the broker's command seqs stay below
 _TAKE = 32  # records taken from one lease per pass
+# Fair share between leases, as the broker's scheduler does it (``broker.scheduler.FairPolicy``):
+_MIN_CHARGE = 1e-5   # seconds every run is charged at least
+_ESTIMATE = 1e-4     # a new flow's estimate of a run's device time
+_SMOOTHING = 0.25
+_LATENCY_LAG = 0.01  # a latency-class lease goes first while its start tag is within this of the smallest
+
+
+class _Flow:
+    """One tenant's leases on this worker: a flow of the start-time fair queue."""
+
+    __slots__ = ("finish", "weight", "estimate", "leases")
+
+    def __init__(self, finish: float, weight: float) -> None:
+        self.finish = finish     # the tenant's finish tag: device time started, over its weight
+        self.weight = weight
+        self.estimate = _ESTIMATE
+        self.leases = 0
 
 
 class _Lease:
@@ -87,11 +105,14 @@ class _Lease:
         self.max_inflight = max(1, cmd.max_inflight)
         self.max_seconds, self.limit_seconds = cmd.max_seconds, cmd.limit_seconds
         self.spin = cmd.spin_us / 1e6
+        self.flow: _Flow | None = None  # set by DirectRuns.install
+        self.flow_key = cmd.flow
         self.arenas: dict[int, tuple[int, int]] = {}
         self.handles: dict[int, tuple[int, tuple[tuple[int, int], ...], Any, tuple[str, ...], tuple[Any, ...]]] = {}
         self.add(cmd.arenas, cmd.handles)
-        # token -> (position, request id, absolute deadline or 0, record, trace stamps or None)
-        self.inflight: dict[int, tuple[int, int, float, bytes, list[float] | None]] = {}
+        # token -> (position, request id, absolute deadline or 0, record, trace stamps or None,
+        #           the device time its flow was charged at the start)
+        self.inflight: dict[int, tuple[int, int, float, bytes, list[float] | None, float]] = {}
         self.out_of_order: set[int] = set()  # finished positions past ``finished``
         self.revoke_seq = 0   # a WRevoke waiting for the runs in flight to end
         self.broken = False   # the ring broke its invariants: nothing more is read or posted
@@ -136,7 +157,7 @@ class _Lease:
     def note_oldest(self) -> None:
         """Keep the page's deadline at the oldest run's (the broker's sweep reads it)."""
         best, where = 0.0, 0
-        for pos, _, deadline, _, _ in self.inflight.values():
+        for pos, _, deadline, _, _, _ in self.inflight.values():
             if deadline and (not best or deadline < best):
                 best, where = deadline, pos
         self.page.q[OLDEST] = where
@@ -173,6 +194,12 @@ class DirectRuns:
         self._gids: dict[int, int] = {}      # prepared graph -> its direct runs on the device
         self._gid_of: dict[int, int] = {}    # token -> prepared graph
         self.on_gid_idle: Callable[[int], None] = lambda gid: None  # a deferred release may go now
+        # Fair share of the device between tenants (a start-time fair queue over flows): it decides
+        # only while more runs wait than ``cap`` lets onto the device.
+        self.cap = 0           # direct runs on the device at once, over every lease (0: no bound)
+        self.on_device = 0     # direct runs on the device
+        self.vtime = 0.0       # never decreases; at most the start tag of every waiting flow
+        self._flows: dict[str, _Flow] = {}
 
     # -- commands from the broker ----------------------------------------------------------
     def install(self, cmd: WLease, fds: list[int]) -> None:
@@ -180,7 +207,14 @@ class DirectRuns:
             for fd in fds:
                 os.close(fd)
             raise errors.InternalError(f"lease {cmd.lease} is held already")
-        self.leases[cmd.lease] = _Lease(cmd, fds)
+        lease = self.leases[cmd.lease] = _Lease(cmd, fds)
+        flow = self._flows.get(cmd.flow)
+        if flow is None:  # a tenant new here starts at vtime: no credit banked, no debt
+            flow = self._flows[cmd.flow] = _Flow(self.vtime, cmd.weight if cmd.weight > 0 else 1.0)
+        flow.leases += 1
+        lease.flow = flow
+        if cmd.device_inflight > 0:
+            self.cap = cmd.device_inflight
         self._spin_changed()
 
     def add(self, cmd: WLeaseAdd) -> None:
@@ -209,6 +243,11 @@ class DirectRuns:
 
     def _end(self, lease: _Lease) -> None:
         del self.leases[lease.id]
+        flow = lease.flow
+        if flow is not None:
+            flow.leases -= 1
+            if not flow.leases:
+                del self._flows[lease.flow_key]
         self._spin_changed()
         info = {"taken": lease.runs.tail, "done_head": lease.done.head}
         seq = lease.revoke_seq
@@ -217,34 +256,80 @@ class DirectRuns:
 
     # -- the hot path ---------------------------------------------------------------------
     def ready(self) -> bool:
+        if self.cap and self.on_device >= self.cap:
+            return False  # the device is full: what waits is taken as runs end
         for lease in self.leases.values():
             if lease.runs.ready() and lease.taking:  # the ring's head word first: the cheaper test
                 return True
         return False
 
     def take(self) -> int:
-        """Start what every lease has waiting (a bounded batch from each); returns how many."""
+        """Start what the leases have waiting, as far as the device has room: everything (a bounded
+        batch from each lease) when it fits, else run by run to the flow with the smallest start tag.
+        Returns how many were taken."""
+        room = self.cap - self.on_device if self.cap else _TAKE * len(self.leases)
+        waiting = [lease for lease in self.leases.values() if lease.taking and lease.runs.ready()]
+        if room <= 0 or not waiting:
+            return 0
+        if len(waiting) > 1 and self.cap:
+            wanted = 0
+            for lease in list(waiting):
+                try:
+                    wanted += min(lease.runs.pending(), lease.max_inflight - len(lease.inflight))
+                except RingCorrupt as exc:
+                    self._broken(lease, str(exc))
+                    waiting.remove(lease)
+            if wanted > room:
+                return self._take_fairly(waiting, room)
         total = 0
-        for lease in list(self.leases.values()):
-            if not lease.taking or not lease.runs.ready():
-                continue
-            try:
-                records = lease.runs.pop_many(min(_TAKE, lease.max_inflight - len(lease.inflight)), publish=False)
-            except (RingCorrupt, ValueError) as exc:
-                self._broken(lease, str(exc))
-                continue
-            first = lease.runs.tail - len(records)
-            lease.page.q[TAKEN] = lease.runs.tail
-            self._taking = lease
-            try:
-                for i, rec in enumerate(records):
-                    self._start(lease, first + i, rec)
-            finally:
-                self._taking = None
-            total += len(records)
-            if lease.revoke_seq and not lease.inflight and lease.id in self.leases:
-                self._end(lease)  # revoked while its batch was being started
+        for lease in waiting:
+            total += self._take_from(lease, min(_TAKE, lease.max_inflight - len(lease.inflight), room - total))
+            if total >= room:
+                break
         return total
+
+    def _take_fairly(self, waiting: list[_Lease], room: int) -> int:
+        """More waits than the device has room for: each run to the waiting flow with the smallest start
+        tag (``max(vtime, finish)``), a latency-class lease first while within ``_LATENCY_LAG`` of it."""
+        total = 0
+        while total < room and waiting:
+            v = self.vtime
+            s_min = min(max(v, lease.flow.finish) for lease in waiting if lease.flow is not None)
+            if s_min > v:
+                self.vtime = v = s_min
+            best, best_key = waiting[0], (True, math.inf)
+            for lease in waiting:
+                f = lease.flow
+                s = max(v, f.finish) if f is not None else v
+                key = (not (lease.priority and s <= s_min + _LATENCY_LAG), s)
+                if key < best_key:
+                    best, best_key = lease, key
+            n = self._take_from(best, 1)
+            total += n
+            if not n or not best.taking or not best.runs.ready():
+                waiting.remove(best)
+        return total
+
+    def _take_from(self, lease: _Lease, n: int) -> int:
+        """Start up to ``n`` of ``lease``'s waiting runs."""
+        if n <= 0:
+            return 0
+        try:
+            records = lease.runs.pop_many(n, publish=False)
+        except (RingCorrupt, ValueError) as exc:
+            self._broken(lease, str(exc))
+            return 0
+        first = lease.runs.tail - len(records)
+        lease.page.q[TAKEN] = lease.runs.tail
+        self._taking = lease
+        try:
+            for i, rec in enumerate(records):
+                self._start(lease, first + i, rec)
+        finally:
+            self._taking = None
+        if lease.revoke_seq and not lease.inflight and lease.id in self.leases:
+            self._end(lease)  # revoked while its batch was being started
+        return len(records)
 
     def _start(self, lease: _Lease, position: int, rec: bytes) -> None:
         stamp = time.perf_counter()
@@ -293,7 +378,14 @@ class DirectRuns:
             return
         trace = [stamp, time.perf_counter()] if flags & TRACE else None
         deadline = time.monotonic() + limit if limit > 0 else 0.0
-        lease.inflight[token] = (position, req, deadline, rec, trace)
+        flow = lease.flow
+        est = 0.0
+        if flow is not None:  # charged by its estimate now, by its measured time when it ends
+            est = flow.estimate / flow.weight
+            f = flow.finish
+            flow.finish = (f if f > self.vtime else self.vtime) + est
+        self.on_device += 1
+        lease.inflight[token] = (position, req, deadline, rec, trace, est)
         self._by_token[token] = lease
         self._gids[gid] = self._gids.get(gid, 0) + 1
         self._gid_of[token] = gid
@@ -313,8 +405,14 @@ class DirectRuns:
             if not left:
                 del self._gids[gid]
                 self.on_gid_idle(gid)
-            position, req, deadline, rec, stamps = lease.inflight.pop(c.token)
+            position, req, deadline, rec, stamps, est = lease.inflight.pop(c.token)
+            self.on_device -= 1
             t = c.timings
+            flow = lease.flow
+            if flow is not None:
+                charge = t.kernels if t is not None and t.kernels > _MIN_CHARGE else _MIN_CHARGE
+                flow.finish += charge / flow.weight - est
+                flow.estimate += _SMOOTHING * (charge - flow.estimate)
             if c.error is not None or t is None or lease.broken:
                 err = c.error or errors.InternalError("a run ended without timings")
                 self._escalate(lease, position, rec, err.code, err.message, err.detail)
@@ -371,10 +469,15 @@ class DirectRuns:
         self.spin_s = max((lease.spin for lease in self.leases.values()), default=0.0)
 
     def wake_fds(self) -> list[int]:
+        if self.cap and self.on_device >= self.cap:
+            return []  # the device is full: its completions wake the worker, not the rings
         return [lease.wake_fd for lease in self.leases.values() if lease.taking]
 
     def prepare_sleep(self) -> bool:
-        """Announce sleep on every lease's ring: False (none asleep for long) if one has work."""
+        """Announce sleep on every lease's ring: False (none asleep for long) if one has work.  While the
+        device is full nothing is announced: what waits is taken once a run ends."""
+        if self.cap and self.on_device >= self.cap:
+            return True
         ok = True
         for lease in self.leases.values():
             if not lease.taking:

@@ -177,6 +177,9 @@ class WLease(_W, tag="lease", frozen=True):
     arenas: tuple[tuple[int, int, int], ...]
     handles: tuple[LeaseHandle, ...]
     spin_us: int = 0  # busy-poll this long after activity while leased (the broker's spin moves here)
+    flow: str = ""    # the tenant: its leases share one fair-share flow on this worker
+    weight: float = 1.0
+    device_inflight: int = 0  # direct runs on the device at once, over every lease (0: no bound)
 
 
 class WLeaseAdd(_W, tag="lease_add", frozen=True):
